@@ -1,0 +1,203 @@
+"""Readable pure-PyTorch ground truth for every drp_kernels op.
+
+Tests and benchmarks import these functions, so the kernels and their checks can
+never drift apart. Nothing here is tuned for speed: clarity wins. All math runs
+in float32 (or float64 when the inputs are float64) and results are cast back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "pgd_step",
+    "random_init",
+    "proto_distance",
+    "proto_logits",
+    "proto_loss",
+    "pairwise_distance",
+    "repulsion_energy",
+]
+
+Budget = Union[float, torch.Tensor]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _per_sample(v: Budget, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar or length-B budget, shaped (B, 1, ..., 1) to broadcast over x."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    if isinstance(v, torch.Tensor):
+        return v.to(device=x.device, dtype=dtype).reshape(shape)
+    return torch.full(shape, float(v), device=x.device, dtype=dtype)
+
+
+def _sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm over all non-batch dims, shaped (B, 1, ..., 1)."""
+    shape = (t.shape[0],) + (1,) * (t.dim() - 1)
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).reshape(shape)
+
+
+# --------------------------------------------------------------------------- PGD step
+def pgd_step(
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    eps: Budget,
+    alpha: Budget,
+    *,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One projected gradient-ascent step; returns a new tensor (x_adv is not modified).
+
+    linf: clip(x_adv + alpha * sign(grad), x - eps, x + eps), then clip to [lower, upper].
+    l2:   g = grad / max(||grad||, 1e-12); delta = x_adv + alpha * g - x;
+          delta *= min(1, eps / ||delta||); clip(x + delta, lower, upper).
+    Samples where ``active`` is False are returned unchanged.
+    """
+    cd = _compute_dtype(x)
+    xf, xa, g = x.to(cd), x_adv.to(cd), grad.to(cd)
+    e = _per_sample(eps, x, cd)
+    a = _per_sample(alpha, x, cd)
+    if norm == "linf":
+        new = xa + a * torch.sign(g)
+        new = torch.minimum(torch.maximum(new, xf - e), xf + e)
+        new = new.clamp(lower, upper)
+    elif norm == "l2":
+        g = g / _sample_norm(g).clamp_min(1e-12)
+        delta = xa + a * g - xf
+        dn = _sample_norm(delta)
+        factor = torch.where(dn > e, e / dn, torch.ones_like(dn))
+        new = (xf + delta * factor).clamp(lower, upper)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if active is not None:
+        mask = active.to(device=x.device, dtype=torch.bool).reshape(e.shape)
+        new = torch.where(mask, new, xa)
+    return new.to(x_adv.dtype)
+
+
+def random_init(
+    x: torch.Tensor,
+    eps: Budget,
+    *,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """A uniform draw from the eps ball around x, clipped to [lower, upper].
+
+    linf: x + U(-eps, eps) per element (noise drawn with ``torch.rand`` in float32).
+    l2:   x + r * u, with u a uniform direction (normalised ``torch.randn``) and
+          r = eps * U(0, 1) ** (1 / n), n the number of elements per sample.
+    The random draws are made in this order and these shapes, so a kernel that draws
+    the same way with the same generator gives the same point.
+    """
+    cd = _compute_dtype(x)
+    e = _per_sample(eps, x, cd)
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        noise = (2.0 * u.to(cd) - 1.0) * e
+    elif norm == "l2":
+        n = x[0].numel() if x.shape[0] > 0 else 1
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(cd)
+        direction = direction / _sample_norm(direction).clamp_min(1e-12)
+        r = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=torch.float32).to(cd)
+        radius = r.pow(1.0 / n).reshape(e.shape) * e
+        noise = direction * radius
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    return (x.to(cd) + noise).clamp(lower, upper).to(x.dtype)
+
+
+# --------------------------------------------------------------------- prototype loss
+def proto_distance(z: torch.Tensor, prototypes: torch.Tensor, *, metric: str) -> torch.Tensor:
+    """(B, C) distances d(z_b, P_c).
+
+    linf: max_k |z_k - p_k|; l2: ||z - p||_2; cosine: 1 - cos(z, p) (eps 1e-8).
+    """
+    cd = _compute_dtype(z)
+    zf = z.to(cd)[:, None, :]
+    pf = prototypes.to(cd)[None, :, :]
+    if metric == "linf":
+        return (zf - pf).abs().amax(dim=-1)
+    if metric == "l2":
+        return torch.linalg.vector_norm(zf - pf, dim=-1)
+    if metric == "cosine":
+        return 1.0 - F.cosine_similarity(zf, pf, dim=-1, eps=1e-8)
+    raise ValueError(f"metric must be one of 'linf', 'cosine', 'l2', got {metric!r}")
+
+
+def proto_logits(z: torch.Tensor, prototypes: torch.Tensor, *, metric: str) -> torch.Tensor:
+    """(B, C) scores, higher is closer: cos(z, P_c) for cosine, -d(z, P_c) otherwise."""
+    d = proto_distance(z, prototypes, metric=metric)
+    return 1.0 - d if metric == "cosine" else -d
+
+
+def proto_loss(
+    z: torch.Tensor,
+    prototypes: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    metric: str = "linf",
+    reduction: str = "mean",
+    ce_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """d(z_b, P[y_b]) + ce_weight * cross_entropy(logits_b / temperature, y_b), reduced like torch."""
+    d = proto_distance(z, prototypes, metric=metric)
+    per_sample = d.gather(1, y.view(-1, 1)).squeeze(1)
+    if ce_weight != 0.0:
+        logits = (1.0 - d if metric == "cosine" else -d) / temperature
+        per_sample = per_sample + ce_weight * F.cross_entropy(logits, y, reduction="none")
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ---------------------------------------------------------------- prototype repulsion
+def pairwise_distance(prototypes: torch.Tensor, *, metric: str) -> torch.Tensor:
+    """(C, C) pairwise distances between the rows of P (zero on the diagonal)."""
+    cd = _compute_dtype(prototypes)
+    p = prototypes.to(cd)
+    if metric == "linf":
+        return (p[:, None, :] - p[None, :, :]).abs().amax(dim=-1)
+    if metric == "l2":
+        return torch.linalg.vector_norm(p[:, None, :] - p[None, :, :], dim=-1)
+    if metric == "cosine":
+        return 1.0 - F.cosine_similarity(p[:, None, :], p[None, :, :], dim=-1, eps=1e-8)
+    raise ValueError(f"metric must be one of 'linf', 'cosine', 'l2', got {metric!r}")
+
+
+def repulsion_energy(
+    prototypes: torch.Tensor, *, metric: str = "cosine", kind: str = "softmin", temperature: float = 0.05
+) -> torch.Tensor:
+    """All-pairs repulsion energy (a scalar); minimising it pushes prototypes apart.
+
+    sum:     E = -sum_{i<j} d_ij                       (the paper's objective)
+    softmin: E = t * log sum_{i != j} exp(-d_ij / t)   (smooth max of the minimum distance)
+    """
+    d = pairwise_distance(prototypes, metric=metric)
+    c = d.shape[0]
+    if kind == "sum":
+        iu = torch.triu_indices(c, c, offset=1, device=d.device)
+        return -d[iu[0], iu[1]].sum()
+    if kind == "softmin":
+        off = ~torch.eye(c, dtype=torch.bool, device=d.device)
+        if c < 2:
+            return d.sum() * 0.0 - math.inf
+        return temperature * torch.logsumexp(-d[off] / temperature, dim=0)
+    raise ValueError(f"kind must be 'sum' or 'softmin', got {kind!r}")

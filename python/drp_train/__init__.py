@@ -1,0 +1,2 @@
+"""drp_train: the thin training layer over drp_kernels' public API."""
+__all__ = []
