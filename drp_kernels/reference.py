@@ -44,6 +44,59 @@ def _sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- PGD step
+# Exactness rule (the kernels in csrc/ follow it bit for bit where the math is
+# element-wise): outputs stay inside the eps ball and inside [lower, upper]
+# exactly, in real arithmetic, not just up to rounding.
+#  * eps is rounded down, lower up and upper down to the compute dtype.
+#  * x + d is rounded "toward x" (_add_toward): to nearest, then one ulp back
+#    toward x when rounding carried it past the real sum, so |result - x| <= |d|.
+#  * float16/bfloat16 results are rounded the same way (_round_toward): to
+#    nearest, then one ulp back toward x if rounding moved them away from x past
+#    the fp32 value; a value left outside [lower, upper] (possible only when x
+#    itself is outside) is moved one ulp inside.
+def _scalar_toward(v: float, dtype: torch.dtype, *, down: bool) -> float:
+    """v as the nearest dtype value at or below (down) / at or above it."""
+    t = torch.tensor(float(v), dtype=dtype)
+    if down and t.item() > v:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    if not down and t.item() < v:
+        t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
+    return t.item()
+
+
+def _eps_per_sample(eps: Budget, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """eps shaped like _per_sample, every value rounded down to dtype."""
+    if isinstance(eps, torch.Tensor):
+        exact = eps.to(device=x.device, dtype=torch.float64)
+        e = exact.to(dtype)
+        e = torch.where(e.to(torch.float64) > exact, torch.nextafter(e, torch.full_like(e, -math.inf)), e)
+        return _per_sample(e, x, dtype)
+    return _per_sample(_scalar_toward(float(eps), dtype, down=True), x, dtype)
+
+
+def _add_toward(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x + d rounded to nearest, moved one ulp back toward x if it overshot (|result - x| <= |d|)."""
+    s = x + d
+    bp = s - x
+    err = (x - (s - bp)) + (d - bp)  # (x + d) - s exactly (Knuth's TwoSum)
+    over = ((d > 0) & (err < 0)) | ((d < 0) & (err > 0))
+    return torch.where(over, torch.nextafter(s, x), s)
+
+
+def _round_toward(v: torch.Tensor, x: torch.Tensor, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
+    """v (compute dtype) cast to dtype, rounding toward x, then kept in [lo, hi]."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return v.to(dtype)
+    r = v.to(dtype)
+    rf = r.to(v.dtype)
+    over = ((v > x) & (rf > v)) | ((v < x) & (rf < v))
+    r = torch.where(over, torch.nextafter(r, x.to(dtype)), r)
+    rf = r.to(v.dtype)
+    r = torch.where(rf > hi, torch.nextafter(r, torch.full_like(r, -math.inf)), r)
+    r = torch.where(rf < lo, torch.nextafter(r, torch.full_like(r, math.inf)), r)
+    return r
+
+
 def pgd_step(
     x_adv: torch.Tensor,
     x: torch.Tensor,
@@ -61,28 +114,32 @@ def pgd_step(
     linf: clip(x_adv + alpha * sign(grad), x - eps, x + eps), then clip to [lower, upper].
     l2:   g = grad / max(||grad||, 1e-12); delta = x_adv + alpha * g - x;
           delta *= min(1, eps / ||delta||); clip(x + delta, lower, upper).
-    Samples where ``active`` is False are returned unchanged.
+    Samples where ``active`` is False are returned unchanged. Rounding follows the
+    exactness rule above, so the result is inside the ball and [lower, upper] exactly.
     """
     cd = _compute_dtype(x)
     xf, xa, g = x.to(cd), x_adv.to(cd), grad.to(cd)
-    e = _per_sample(eps, x, cd)
+    e = _eps_per_sample(eps, x, cd)
     a = _per_sample(alpha, x, cd)
+    lo = _scalar_toward(lower, cd, down=False)
+    hi = _scalar_toward(upper, cd, down=True)
     if norm == "linf":
         new = xa + a * torch.sign(g)
-        new = torch.minimum(torch.maximum(new, xf - e), xf + e)
-        new = new.clamp(lower, upper)
+        new = torch.minimum(torch.maximum(new, _add_toward(xf, -e)), _add_toward(xf, e))
+        new = new.clamp(lo, hi)
     elif norm == "l2":
         g = g / _sample_norm(g).clamp_min(1e-12)
         delta = xa + a * g - xf
         dn = _sample_norm(delta)
         factor = torch.where(dn > e, e / dn, torch.ones_like(dn))
-        new = (xf + delta * factor).clamp(lower, upper)
+        new = _add_toward(xf, delta * factor).clamp(lo, hi)
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    new = _round_toward(new, xf, lo, hi, x_adv.dtype)
     if active is not None:
         mask = active.to(device=x.device, dtype=torch.bool).reshape(e.shape)
-        new = torch.where(mask, new, xa)
-    return new.to(x_adv.dtype)
+        new = torch.where(mask, new, x_adv)
+    return new
 
 
 def random_init(
@@ -100,10 +157,13 @@ def random_init(
     l2:   x + r * u, with u a uniform direction (normalised ``torch.randn``) and
           r = eps * U(0, 1) ** (1 / n), n the number of elements per sample.
     The random draws are made in this order and these shapes, so a kernel that draws
-    the same way with the same generator gives the same point.
+    the same way with the same generator gives the same point. Rounding follows the
+    exactness rule above.
     """
     cd = _compute_dtype(x)
-    e = _per_sample(eps, x, cd)
+    e = _eps_per_sample(eps, x, cd)
+    lo = _scalar_toward(lower, cd, down=False)
+    hi = _scalar_toward(upper, cd, down=True)
     if norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         noise = (2.0 * u.to(cd) - 1.0) * e
@@ -116,20 +176,25 @@ def random_init(
         noise = direction * radius
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    return (x.to(cd) + noise).clamp(lower, upper).to(x.dtype)
+    xf = x.to(cd)
+    return _round_toward(_add_toward(xf, noise).clamp(lo, hi), xf, lo, hi, x.dtype)
 
 
 # --------------------------------------------------------------------- prototype loss
 def proto_distance(z: torch.Tensor, prototypes: torch.Tensor, *, metric: str) -> torch.Tensor:
     """(B, C) distances d(z_b, P_c).
 
-    linf: max_k |z_k - p_k|; l2: ||z - p||_2; cosine: 1 - cos(z, p) (eps 1e-8).
+    linf: max_k |z_k - p_k|, its gradient the subgradient at the first arg-max coordinate;
+    l2: ||z - p||_2 (zero gradient at z == p); cosine: 1 - cos(z, p) (eps 1e-8).
     """
     cd = _compute_dtype(z)
     zf = z.to(cd)[:, None, :]
     pf = prototypes.to(cd)[None, :, :]
     if metric == "linf":
-        return (zf - pf).abs().amax(dim=-1)
+        # gather at the first arg-max coordinate: the gradient is the subgradient there
+        # (amax would split it evenly between tied coordinates)
+        a = (zf - pf).abs()
+        return a.gather(-1, a.argmax(dim=-1, keepdim=True)).squeeze(-1)
     if metric == "l2":
         return torch.linalg.vector_norm(zf - pf, dim=-1)
     if metric == "cosine":

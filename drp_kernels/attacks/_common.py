@@ -1,0 +1,285 @@
+"""Shared pieces of the attack engine: input validation, eval-mode handling,
+losses on logits (CE, DLR, targeted DLR, margin) and the input-gradient helper.
+
+Conventions (torchattacks / AutoAttack): a model maps inputs in [0, 1] (NCHW, or
+any (B, ...) layout where an attack allows it) to logits (B, C); attacks return
+detached adversarial inputs of x's shape and dtype; gradients are taken with
+``torch.autograd.grad`` with respect to the input only, so no parameter ``.grad``
+is ever written.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "RobustnessWarning",
+    "LOSSES",
+    "NORMS",
+    "eval_mode",
+    "check_model",
+    "check_images",
+    "check_labels",
+    "check_budget",
+    "check_positive_int",
+    "check_norm",
+    "check_logits",
+    "budget_view",
+    "model_device",
+    "make_generator",
+    "resolve_loss",
+    "ce_loss",
+    "dlr_loss",
+    "dlr_targeted_loss",
+    "margin",
+    "input_grad",
+    "predict",
+]
+
+Budget = Union[float, torch.Tensor]
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "dlr", "dlr-t")
+
+
+class RobustnessWarning(UserWarning):
+    """A sanity check of the evaluation failed (see ``evaluate``'s ``flags``)."""
+
+
+# ------------------------------------------------------------------ model handling
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put every submodule of ``model`` in eval mode; restore each one's own flag on exit
+    (also when the body raises), so mixed train/eval trees come back exactly as they were."""
+    if not isinstance(model, nn.Module):
+        yield model
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def check_model(model, name: str = "model") -> None:
+    if not callable(model):
+        raise TypeError(f"{name} must be a callable returning logits (e.g. an nn.Module), got {type(model).__name__}")
+
+
+def model_device(model, fallback: torch.device) -> torch.device:
+    """The device of the model's first parameter or buffer, else ``fallback``."""
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return fallback
+
+
+# ---------------------------------------------------------------- input validation
+def check_images(x, *, name: str = "x", nchw: bool = False) -> None:
+    """x: a floating tensor (B, ...) with every value finite and in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
+    if nchw and x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a batch dimension and at least one feature dimension, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)  # one host sync per call
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite (found NaN or inf)")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1] (normalisation belongs inside the model), got range [{lo:.4g}, {hi:.4g}]")
+
+
+def check_labels(y, x, *, name: str = "y") -> torch.Tensor:
+    """y: int64 tensor of shape (B,); returned on x's device."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 class indices, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise ValueError(f"{name} must have dtype torch.int64 (class indices), got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    return y.to(x.device)
+
+
+def check_logits(logits, y, *, rows=None, min_classes: int = 1, what: str = "") -> int:
+    """Checks the model's output (rows, C) and that every label of y indexes its classes; returns C.
+
+    rows: the expected number of output rows (default len(y))."""
+    rows = y.shape[0] if rows is None else rows
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape (B, C) = ({rows}, C), got {shape}")
+    c = logits.shape[1]
+    if c < min_classes:
+        raise ValueError(f"{what} needs a model with at least {min_classes} classes, got C={c}")
+    if y.numel() > 0:
+        lo, hi = torch.aminmax(y)
+        if int(lo) < 0 or int(hi) >= c:
+            raise ValueError(f"y must hold class indices in [0, {c - 1}] (the model has C={c} logits), "
+                             f"got range [{int(lo)}, {int(hi)}]")
+    return c
+
+
+def check_budget(eps, x, *, name: str = "eps") -> Budget:
+    """eps: a float >= 0 or a 1-D tensor of length B with values >= 0.
+
+    Returns a Python float or a float32 tensor (B,) on x's device."""
+    if isinstance(eps, torch.Tensor):
+        if eps.dim() == 0:
+            eps = float(eps)
+        else:
+            if eps.dim() != 1 or eps.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} must be a float or a 1-D tensor of length B={x.shape[0]}, got shape {tuple(eps.shape)}")
+            if not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
+                raise ValueError(f"{name} must hold real numbers, got dtype {eps.dtype}")
+            e = eps.detach().to(device=x.device, dtype=torch.float32)
+            if e.numel() and not bool(torch.isfinite(e).all() & (e >= 0).all()):
+                raise ValueError(f"{name} must be finite and >= 0 for every sample")
+            return e
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+    return eps
+
+
+def check_positive_int(v, *, name: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def check_norm(norm, *, allowed=NORMS) -> str:
+    if norm not in allowed:
+        raise ValueError(f"norm must be one of {allowed}, got {norm!r}")
+    return norm
+
+
+def budget_view(b: Budget, x: torch.Tensor) -> torch.Tensor:
+    """A float or (B,) budget as a tensor shaped (B, 1, ..., 1) in x's dtype."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    if isinstance(b, torch.Tensor):
+        return b.to(device=x.device, dtype=x.dtype).reshape(shape)
+    return torch.full(shape, float(b), device=x.device, dtype=x.dtype)
+
+
+def budget_vector(b: Budget, n: int, device) -> torch.Tensor:
+    if isinstance(b, torch.Tensor):
+        return b.to(device=device, dtype=torch.float32)
+    return torch.full((n,), float(b), device=device, dtype=torch.float32)
+
+
+def subset_budget(b: Budget, idx: torch.Tensor) -> Budget:
+    return b[idx] if isinstance(b, torch.Tensor) else b
+
+
+def make_generator(seed, device) -> Optional[torch.Generator]:
+    """A generator on ``device`` seeded with ``seed``; None (global RNG) when seed is None."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# ------------------------------------------------------------------------- losses
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy on the logits (float32)."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def _other_max(z: torch.Tensor, y: torch.Tensor):
+    """(max_{i != y} z_i, z_y)."""
+    z_y = z.gather(1, y[:, None])
+    masked = z.scatter(1, y[:, None], float("-inf"))
+    return masked.amax(dim=1), z_y.squeeze(1)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{i != y} z_i: positive iff the sample is classified correctly."""
+    other, z_y = _other_max(logits.float(), y)
+    return z_y - other
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DLR (Croce & Hein 2020): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12). Needs C >= 3."""
+    z = logits.float()
+    zs = z.sort(dim=1, descending=True).values
+    other, z_y = _other_max(z, y)
+    return -(z_y - other) / (zs[:, 0] - zs[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12). Needs C >= 4."""
+    z = logits.float()
+    zs = z.sort(dim=1, descending=True).values
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    z_t = z.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (zs[:, 0] - 0.5 * (zs[:, 2] + zs[:, 3]) + 1e-12)
+
+
+_MIN_CLASSES = {"ce": 1, "dlr": 3, "dlr-t": 4}
+
+
+def resolve_loss(loss, *, allowed=("ce", "dlr")) -> Callable:
+    """A loss name in ``allowed`` or a callable ``(outputs, y) -> per-sample loss``."""
+    if callable(loss):
+        return loss
+    if loss == "ce":
+        return ce_loss
+    if loss == "dlr" and "dlr" in allowed:
+        return dlr_loss
+    if loss == "dlr-t" and "dlr-t" in allowed:
+        return dlr_targeted_loss
+    raise ValueError(f"loss must be one of {allowed} or a callable (outputs, y) -> per-sample loss, got {loss!r}")
+
+
+def min_classes(loss) -> int:
+    return _MIN_CLASSES.get(loss, 1) if isinstance(loss, str) else 1
+
+
+# ------------------------------------------------------------------ model queries
+def input_grad(model, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Callable):
+    """(logits, per-sample loss, d sum(loss) / d x_adv), all detached.
+
+    Only the input is differentiated (``torch.autograd.grad``), so parameter grads are
+    neither computed into ``.grad`` nor accumulated. A model whose output does not
+    depend on its input (masked gradients) yields a zero gradient, not an error."""
+    with torch.enable_grad():
+        xr = x_adv.detach().requires_grad_(True)
+        logits = model(xr)
+        loss = loss_fn(logits, y)
+        if not isinstance(loss, torch.Tensor) or loss.shape != (x_adv.shape[0],):
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss must return a per-sample loss of shape ({x_adv.shape[0]},), got {got}")
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+        else:
+            grad = None
+    if grad is None:
+        grad = torch.zeros_like(x_adv)
+    return logits.detach(), loss.detach(), grad
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, *, batch_size: Optional[int] = None) -> torch.Tensor:
+    """argmax of the logits, in chunks of ``batch_size`` rows."""
+    if batch_size is None or x.shape[0] <= batch_size:
+        return model(x).argmax(dim=1)
+    return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)])

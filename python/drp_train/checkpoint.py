@@ -1,0 +1,244 @@
+"""Checkpoints of plain data, written atomically and read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict holding only tensors, numbers, strings, bools, None, lists and
+dicts::
+
+    {"kind": "drp_train.checkpoint", "format": 1, "final": bool,
+     "config": TrainConfig.to_dict(), "epoch": epochs completed, "step": steps done in
+     the current epoch (0 at an epoch boundary), "global_step": int,
+     "model": state_dict of the bare network, "optimizer": ..., "scheduler": ...,
+     "scaler": GradScaler state or None, "prototypes": (C, D) tensor or None,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor] , "python": [...], "numpy": {...}},
+     "metrics": [one dict per completed epoch], "train_time_s": float}
+
+Writes go to a temporary file in the same folder, are fsync'ed and then renamed over
+the target (``os.replace``), so a crash at any moment leaves either the old or the new
+complete file.
+"""
+import os
+import pickle
+import random
+import re
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import drp_kernels
+
+from .config import TrainConfig
+from .data import DATASET_INFO
+from .errors import CheckpointError, ConfigError
+from .models import build_model
+
+__all__ = [
+    "CheckpointError",
+    "CHECKPOINT_KIND",
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_classifier",
+    "resolve_checkpoint_path",
+    "rng_state",
+    "set_rng_state",
+]
+
+CHECKPOINT_KIND = "drp_train.checkpoint"
+CHECKPOINT_FORMAT = 1
+_TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # Test hook (documented in tests/test_resume.py): hold the finished temporary file
+        # before the rename, so a test can SIGKILL the writer inside the write window.
+        hold = os.environ.get("DRP_TRAIN_TEST_SAVE_SLEEP")
+        if hold:
+            time.sleep(float(hold))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete temporary files left by a writer that was killed; return their names."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if name.startswith(_TMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_plain(obj, where="checkpoint"):
+    """Raise TypeError unless ``obj`` is tensors, numbers, strings, bools, None, lists, tuples and dicts."""
+    if type(obj) in _PLAIN_SCALARS or type(obj) is torch.Tensor:
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    if type(obj) is dict:
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; only str and int keys are plain data")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which is not plain data")
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Save ``payload`` (plain data only, checked) atomically, adding the kind marker and format version."""
+    check_plain(payload)
+    data = dict(payload)
+    data["kind"] = CHECKPOINT_KIND
+    data["format"] = CHECKPOINT_FORMAT
+    atomic_write(path, lambda f: torch.save(data, f))
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    """``path`` itself if a file, else ``final.pt`` or ``last.pt`` inside the run folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("final.pt", "last.pt"):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                return p
+        raise CheckpointError(f"no checkpoint in {path}: expected final.pt or last.pt written by `drp train`")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint dict written by ``drp train`` (a file, or a run folder).
+
+    Uses ``torch.load(weights_only=True)``: a file that needs anything beyond tensors and
+    plain Python data is refused, as is a file of another kind.
+    """
+    path = resolve_checkpoint_path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (?:global|operand)[^.\n]*(?:\.[\w]+)*", str(e))
+        detail = found.group(0) if found else type(e).__name__
+        raise CheckpointError(f"{path} was refused: it needs more than plain data (tensors, numbers, strings, "
+                              f"lists, dicts) to load, so it may run code ({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+    if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
+        what = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} is not a drp_train checkpoint (kind {what!r}); "
+                              "pass a run folder or a .pt file written by `drp train`")
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {data.get('format')!r}; "
+                              f"this version reads format {CHECKPOINT_FORMAT}")
+    for key in ("config", "model"):
+        if key not in data:
+            raise CheckpointError(f"{path} lacks its {key!r} entry")
+    return data
+
+
+def config_of(data: dict, path: str = "checkpoint") -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(data["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} holds an unusable config: {e}") from None
+
+
+def build_network(cfg: TrainConfig, *, output_dim: int) -> nn.Module:
+    """The bare network of a resolved config (normalisation included)."""
+    info = DATASET_INFO[cfg.dataset]
+    c, h, _ = info["shape"]
+    return build_model(cfg.model, in_channels=c, num_classes_or_dim=output_dim, input_size=h,
+                       mean=info["mean"], std=info["std"])
+
+
+def load_classifier(path: str, *, device: Optional[str] = None) -> nn.Module:
+    """An eval-mode module mapping inputs in [0, 1] to logits, from a run folder or a .pt file.
+
+    DRP runs give a ``drp_kernels.ProtoClassifier`` (network + prototypes + metric), the
+    other methods the network itself.
+    """
+    resolved = resolve_checkpoint_path(path)
+    data = load_checkpoint(resolved)
+    cfg = config_of(data, resolved)
+    prototypes = data.get("prototypes")
+    if cfg.method == "drp":
+        if not isinstance(prototypes, torch.Tensor) or prototypes.ndim != 2:
+            raise CheckpointError(f"{resolved} is a drp run without its (C, D) prototypes")
+        out_dim = int(prototypes.shape[1])
+    else:
+        out_dim = DATASET_INFO[cfg.dataset]["classes"]
+    net = build_network(cfg, output_dim=out_dim)
+    try:
+        net.load_state_dict(data["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{resolved}: the weights do not fit model {cfg.model} ({first})") from None
+    model = drp_kernels.ProtoClassifier(net, prototypes, metric=cfg.metric) if cfg.method == "drp" else net
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- RNG state as plain data
+def rng_state() -> dict:
+    """Every global RNG state as plain data (tensors, ints, lists)."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [int(version), [int(v) for v in state], None if gauss is None else float(gauss)],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))

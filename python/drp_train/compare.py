@@ -1,0 +1,430 @@
+"""`drp compare`: train CE, DRP-linf, DRP-cosine and PGD-AT with the same budget,
+evaluate each with the attack suite over a list of eps, and report.
+
+Everything goes into `--out`: one run folder per method (checkpoints and
+metrics.jsonl from `drp_train.train.train`), `accuracy_vs_eps.png`,
+`training_curves.png`, `projection_<method>.png`, `report.md` and `compare.json`.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+import drp_kernels
+
+from .evaluation import (
+    SUITES,
+    _cli_error,
+    _one_line,
+    check_eps_list,
+    evaluate_model,
+    load_eval_data,
+    pick_device,
+    write_json_atomic,
+)
+
+__all__ = [
+    "add_compare_arguments",
+    "run_compare",
+    "resolve_settings",
+    "format_table",
+    "format_report",
+    "model_outputs",
+    "command_line",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "PRESETS",
+]
+
+# Name in the table -> TrainConfig fields that select the method.
+METHODS = {
+    "ce": {"method": "ce"},
+    "drp-linf": {"method": "drp", "metric": "linf"},
+    "drp-cosine": {"method": "drp", "metric": "cosine"},
+    "pgd-at": {"method": "pgd-at"},
+    "trades": {"method": "trades"},
+    "fast-at": {"method": "fast-at"},
+}
+DEFAULT_METHODS = ("ce", "drp-linf", "drp-cosine", "pgd-at")
+
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+# Settings a preset fixes; explicit flags override them. None means "the default
+# of `drp train`" (for lr and attack_steps) or "no limit" (for the limits).
+PRESETS = {
+    # `make demo`: the whole job (4 trainings + standard-suite evaluation) in at
+    # most 15 minutes on the 2-core CPU machine.
+    "demo": {
+        "dataset": "fashion-mnist",
+        "model": "cnn",
+        "epochs": 3,
+        "batch_size": 128,
+        "lr": None,
+        "limit_train": 10000,
+        "limit_test": 1000,
+        "eval_limit": 500,
+        "eps": [0.05, 0.1, 0.2, 0.3],
+        "train_eps": 0.1,
+        "attack_steps": 5,
+        "suite": "standard",
+    },
+    # The issue's quality run: full Fashion-MNIST, eps 0.1 on the first 1000 test points.
+    "full": {
+        "dataset": "fashion-mnist",
+        "model": "cnn",
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": None,
+        "limit_train": None,
+        "limit_test": None,
+        "eval_limit": 1000,
+        "eps": [0.1, 0.3],
+        "train_eps": 0.1,
+        "attack_steps": 10,
+        "suite": "standard",
+    },
+}
+
+
+def add_compare_arguments(parser):
+    """Add the `drp compare` options to an argparse (sub)parser."""
+    a = parser.add_argument
+    a("--preset", choices=sorted(PRESETS), default="full",
+      help="settings to start from; explicit flags override them (default: full)")
+    a("--dataset", default=None, help="fashion-mnist|mnist|cifar10|cifar100 (preset: fashion-mnist)")
+    a("--data-dir", default=None, metavar="DIR", help="dataset folder (default: the standard location)")
+    a("--out", default=None, metavar="DIR", help="output folder (default: <preset>_out)")
+    a("--methods", nargs="+", default=None, metavar="M",
+      help=f"subset of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+    a("--model", default=None, help="network for every method (preset: cnn)")
+    a("--epochs", type=int, default=None)
+    a("--batch-size", type=int, default=None)
+    a("--lr", type=float, default=None, help="learning rate for every method (default: drp train's)")
+    a("--train-eps", type=float, default=None, help="L-inf eps of adversarial training (preset: 0.1)")
+    a("--attack-steps", type=int, default=None, help="PGD steps of adversarial training")
+    a("--limit-train", type=int, default=None, metavar="N", help="train on the first N training points")
+    a("--limit-test", type=int, default=None, metavar="N", help="per-epoch test accuracy on the first N test points")
+    a("--eps", type=float, nargs="+", default=None, metavar="E", help="eval eps list")
+    a("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test points")
+    a("--suite", choices=SUITES, default=None, help="attack suite (preset: standard)")
+    a("--eval-batch-size", type=int, default=None, metavar="B", help="attack batch size (default: the engine's)")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    a("--resume", action="store_true",
+      help="continue (or reuse, when finished) the runs already in --out instead of refusing them")
+    a("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve_settings(args):
+    """Merge the preset with the explicit flags and validate. Returns a plain dict."""
+    s = dict(PRESETS[args.preset])
+    s["preset"] = args.preset
+    for key in ("dataset", "model", "epochs", "batch_size", "lr", "limit_train", "limit_test", "eval_limit",
+                "eps", "train_eps", "attack_steps", "suite"):
+        val = getattr(args, key, None)
+        if val is not None:
+            s[key] = val
+    s["data_dir"] = args.data_dir
+    s["methods"] = list(args.methods) if args.methods else list(DEFAULT_METHODS)
+    s["seed"] = args.seed
+    s["eval_batch_size"] = args.eval_batch_size
+    s["out"] = args.out if args.out is not None else f"{args.preset}_out"
+
+    unknown = [m for m in s["methods"] if m not in METHODS]
+    if unknown:
+        raise _cli_error(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    if len(set(s["methods"])) != len(s["methods"]):
+        raise _cli_error(f"--methods: each method at most once, got {' '.join(s['methods'])}")
+    s["eps"] = check_eps_list(s["eps"])
+    for key, lo in (("epochs", 1), ("batch_size", 1), ("eval_limit", 1), ("limit_train", 1), ("limit_test", 1),
+                    ("attack_steps", 1), ("eval_batch_size", 1)):
+        if s[key] is not None and s[key] < lo:
+            raise _cli_error(f"--{key.replace('_', '-')}: expected an integer >= {lo}, got {s[key]}")
+    if s["lr"] is not None and not (math.isfinite(s["lr"]) and s["lr"] > 0):
+        raise _cli_error(f"--lr: expected a positive learning rate, got {s['lr']:g}")
+    if not (math.isfinite(s["train_eps"]) and 0 <= s["train_eps"] <= 1):
+        raise _cli_error(f"--train-eps: expected eps in [0, 1], got {s['train_eps']:g}")
+    return s
+
+
+def _prepare_out(out):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _cli_error(f"--out: {out!r} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise _cli_error(f"--out: cannot create {out!r}: {_one_line(exc)}") from None
+    if not os.access(out, os.W_OK):
+        raise _cli_error(f"--out: folder {out!r} is not writable")
+
+
+def _train_config(settings, name, device):
+    from .config import TrainConfig
+
+    wanted = {
+        "dataset": settings["dataset"],
+        "data_dir": settings["data_dir"],
+        "model": settings["model"],
+        "epochs": settings["epochs"],
+        "batch_size": settings["batch_size"],
+        "lr": settings["lr"],
+        "eps": settings["train_eps"],
+        "attack_steps": settings["attack_steps"],
+        "seed": settings["seed"],
+        "limit_train": settings["limit_train"],
+        "limit_test": settings["limit_test"],
+        "out": os.path.join(settings["out"], name),
+        "quiet": settings["quiet"],
+        "resume": settings["resume"],
+        "device": None if device is None else str(device),
+        **METHODS[name],
+    }
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = [k for k in ("dataset", "method", "out") if k not in names]
+    if missing:
+        raise RuntimeError(f"TrainConfig lacks the fields {missing}; drp_train.config and compare are out of step")
+    # None means "keep drp train's default" for the options compare does not pin.
+    kwargs = {k: v for k, v in wanted.items() if k in names and (v is not None or k in ("limit_train", "limit_test"))}
+    cfg = TrainConfig(**kwargs)
+    cfg.validate()  # ConfigError (one line, exit 2) before any training time is spent
+    return cfg
+
+
+def _read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    rows.append(json.loads(line))
+    return rows
+
+
+@torch.no_grad()
+def model_outputs(model, x, *, batch_size=512):
+    """Outputs to project in 2-D: (z, prototypes or None, what z is).
+
+    For a ProtoClassifier z is the network output and the prototypes come with it;
+    with the cosine metric both are L2-normalised, since only directions matter.
+    For any other classifier z is the logits.
+    """
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if isinstance(model, drp_kernels.ProtoClassifier):
+        net, protos, kind = model.net, model.prototypes.detach().float().cpu(), "network outputs z"
+    else:
+        net, protos, kind = model, None, "logits"
+    zs = [net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+    z = torch.cat(zs)
+    if protos is not None and getattr(model, "metric", None) == "cosine":
+        z = torch.nn.functional.normalize(z, dim=1)
+        protos = torch.nn.functional.normalize(protos, dim=1)
+        kind = "L2-normalised network outputs z"
+    return z, protos, kind
+
+
+def _pct(v):
+    return f"{100 * v:.1f}%"
+
+
+def _fmt_time(s):
+    return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+def format_table(rows, eps_list, *, markdown=False):
+    """The paper-style table: method, clean, robust at each eps, training time."""
+    head = ["method", "clean"] + [f"eps={e:g}" for e in eps_list] + ["train time", "eval time"]
+    body = []
+    for r in rows:
+        by_eps = {float(x["eps"]): x["robust_accuracy"] for x in r["eval"]["results"]}
+        body.append([r["name"], _pct(r["eval"]["clean_accuracy"])]
+                    + [_pct(by_eps[e]) if e in by_eps else "-" for e in eps_list]
+                    + [_fmt_time(r["train_time_s"]), _fmt_time(r["eval"]["eval_time_s"])])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def format_report(*, rows, settings, command, total_time_s, files, environment):
+    """The Markdown report: table, command line, settings, per-attack numbers and flags."""
+    eps_list = settings["eps"]
+    n_eval = rows[0]["eval"]["n"] if rows else 0
+    out = [
+        f"# drp compare: {settings['dataset']}",
+        "",
+        f"Robust accuracy under the **{settings['suite']}** attack suite (L-inf), on the first {n_eval} test "
+        f"points. Every method trains the same `{settings['model']}` for {settings['epochs']} epochs, "
+        f"batch {settings['batch_size']}, seed {settings['seed']}.",
+        "",
+        format_table(rows, eps_list, markdown=True),
+        "",
+        "## Command",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "## Settings",
+        "",
+    ]
+    for k in sorted(settings):
+        out.append(f"- `{k}`: {settings[k]!r}")
+    out += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in environment.items()]
+    out += [f"- total wall time: {_fmt_time(total_time_s)}", "", "## Per-attack robust accuracy", ""]
+    for r in rows:
+        out.append(f"### {r['name']}")
+        out.append("")
+        out.append(f"final epoch: {json.dumps(r.get('final', {}), sort_keys=True)}")
+        out.append("")
+        for res in r["eval"]["results"]:
+            per = ", ".join(f"{k} {_pct(v)}" for k, v in res["per_attack"].items()) or "-"
+            out.append(f"- eps {res['eps']:g}: robust {_pct(res['robust_accuracy'])} ({per})")
+        out.append("")
+    out += ["## Flags", ""]
+    any_flag = False
+    for r in rows:
+        for res in r["eval"]["results"]:
+            for flag in res["flags"]:
+                any_flag = True
+                out.append(f"- {r['name']}, eps {res['eps']:g}: {flag}")
+    if not any_flag:
+        out.append("No check of the evaluation raised a flag.")
+    out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    return "\n".join(out)
+
+
+def _environment(device):
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "drp_kernels": getattr(drp_kernels, "__version__", "?"),
+        "device": str(device),
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_compare(args):
+    """`drp compare`: returns the exit code (0); misuse raises CLIError."""
+    settings = resolve_settings(args)
+    settings["quiet"] = bool(args.quiet)
+    settings["resume"] = bool(getattr(args, "resume", False))
+    device = pick_device(args.device)
+    out = settings["out"]
+    _prepare_out(out)
+    progress = not args.quiet
+    command = command_line(args)
+
+    # Load the evaluation points first: a missing dataset fails before any training.
+    x, y = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=settings["eval_limit"])
+    from .checkpoint import load_classifier
+    from .plots import plot_accuracy_vs_eps, plot_projection, plot_training_curves
+    from .train import train
+
+    t_start = time.perf_counter()
+    rows, files = [], []
+    for name in settings["methods"]:
+        cfg = _train_config(settings, name, device)
+        if progress:
+            print(f"[compare] training {name} -> {cfg.out}", file=sys.stderr, flush=True)
+        info = train(cfg, progress=progress)
+        model = load_classifier(info["checkpoint"])
+        if progress:
+            print(f"[compare] evaluating {name} ({settings['suite']} suite, eps {settings['eps']})",
+                  file=sys.stderr, flush=True)
+        ev = evaluate_model(model, x, y, eps_list=settings["eps"], suite=settings["suite"],
+                            batch_size=settings["eval_batch_size"], seed=settings["seed"], device=device,
+                            progress=progress)
+        ev["n"] = int(y.shape[0])
+        z, protos, kind = model_outputs(model.to(device), x)
+        proj = os.path.join(out, f"projection_{name}.png")
+        title = f"{name}: 2-D PCA of the {kind}" + (" (stars: prototypes)" if protos is not None else "")
+        plot_projection(z, y, protos, proj, title, class_names=CLASS_NAMES.get(settings["dataset"]))
+        files.append(os.path.basename(proj))
+        rows.append({
+            "name": name,
+            "config": {k: v for k, v in METHODS[name].items()},
+            "run_dir": os.path.abspath(cfg.out),
+            "checkpoint": os.path.abspath(info["checkpoint"]),
+            "train_time_s": float(info["train_time_s"]),
+            "final": info.get("final", {}),
+            "metrics": _read_metrics(cfg.out) or [dict(m) for m in info.get("metrics", [])],
+            "eval": ev,
+        })
+    total = time.perf_counter() - t_start
+
+    plot_accuracy_vs_eps({r["name"]: r["eval"] for r in rows}, os.path.join(out, "accuracy_vs_eps.png"),
+                         title=f"{settings['dataset']}: accuracy against L-inf eps ({settings['suite']} suite, "
+                               f"n={int(y.shape[0])})")
+    curves = {r["name"]: r["metrics"] for r in rows if r["metrics"]}
+    if curves:
+        plot_training_curves(curves, os.path.join(out, "training_curves.png"),
+                             title=f"{settings['dataset']}: training curves")
+        files.insert(0, "training_curves.png")
+    files.insert(0, "accuracy_vs_eps.png")
+    files += ["compare.json", "report.md"]
+
+    env = _environment(device)
+    saved = {k: v for k, v in settings.items()}
+    write_json_atomic({"command": command, "settings": saved, "environment": env, "total_time_s": total,
+                       "models": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows}},
+                      os.path.join(out, "compare.json"))
+    report = format_report(rows=rows, settings=saved, command=command, total_time_s=total, files=files,
+                           environment=env)
+    _write_text_atomic(report, os.path.join(out, "report.md"))
+    print(format_table(rows, settings["eps"]))
+    print(f"total {_fmt_time(total)}; wrote {', '.join(files)} to {out}")
+    return 0
+
+
+def command_line(args):
+    """The `drp compare` command line equivalent to `args` (explicitly set options only)."""
+    parts = ["drp", "compare", "--preset", args.preset]
+    for dest in ("dataset", "data_dir", "out", "methods", "model", "epochs", "batch_size", "lr", "train_eps",
+                 "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite", "eval_batch_size",
+                 "seed", "device"):
+        val = getattr(args, dest, None)
+        if val is None or (dest == "seed" and val == 0):
+            continue
+        parts.append("--" + dest.replace("_", "-"))
+        parts += [str(v) for v in val] if isinstance(val, (list, tuple)) else [str(val)]
+    if getattr(args, "resume", False):
+        parts.append("--resume")
+    if args.quiet:
+        parts.append("--quiet")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _write_text_atomic(text, path):
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,195 @@
+"""PNG plots for the training layer: accuracy against eps, training curves and a
+2-D projection of the network outputs with the prototypes marked.
+
+matplotlib runs with the Agg backend (no display is needed), and every figure is
+written atomically: to a temporary file in the target folder, then renamed.
+"""
+import math
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["plot_accuracy_vs_eps", "plot_training_curves", "plot_projection", "pca_2d", "save_figure"]
+
+
+def save_figure(fig, path, *, dpi=120):
+    """Save `fig` as PNG to `path` atomically and close it. Returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        plt.close(fig)
+        raise ValueError(f"path: folder {folder!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _check_curve(name, curve):
+    if not isinstance(curve, dict) or "results" not in curve:
+        raise ValueError(f"curves[{name!r}]: expected an accuracy_vs_eps result with 'results', got {type(curve).__name__}")
+    for r in curve["results"]:
+        if "eps" not in r or "robust_accuracy" not in r:
+            raise ValueError(f"curves[{name!r}]: every result needs 'eps' and 'robust_accuracy'")
+
+
+def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps"):
+    """Plot robust accuracy against eps for every model in `curves`.
+
+    `curves` maps a model name to an `accuracy_vs_eps` result
+    (`{"clean_accuracy": float, "results": [{"eps", "robust_accuracy", ...}, ...]}`).
+    The clean accuracy is drawn at eps 0. Accuracies are fractions in [0, 1] and
+    are shown in percent.
+    """
+    if not curves:
+        raise ValueError("curves: expected at least one model, got none")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, curve in curves.items():
+        _check_curve(name, curve)
+        pts = sorted((float(r["eps"]), float(r["robust_accuracy"])) for r in curve["results"])
+        if curve.get("clean_accuracy") is not None and not any(e == 0.0 for e, _ in pts):
+            pts.insert(0, (0.0, float(curve["clean_accuracy"])))
+        eps = [e for e, _ in pts]
+        acc = [100.0 * a for _, a in pts]
+        ax.plot(eps, acc, marker="o", label=str(name))
+    ax.set_xlabel("L-inf eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_training_curves(metrics, path, *, title="Training curves"):
+    """Plot test accuracy, train accuracy and train loss per epoch for every model.
+
+    `metrics` maps a model name to its list of per-epoch records (the lines of
+    `metrics.jsonl`: epoch, train_loss, train_accuracy, test_accuracy, ...).
+    The losses of different methods live on different scales, so the loss panel
+    uses a log scale when every loss is positive.
+    """
+    if not metrics:
+        raise ValueError("metrics: expected at least one model, got none")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    all_pos = True
+    for i, (name, rows) in enumerate(metrics.items()):
+        if not rows:
+            raise ValueError(f"metrics[{name!r}]: no epochs recorded")
+        color = f"C{i % 10}"
+        epochs = [int(r["epoch"]) for r in rows]
+        if any(r.get("test_accuracy") is not None for r in rows):
+            ep = [e for e, r in zip(epochs, rows) if r.get("test_accuracy") is not None]
+            ax_acc.plot(ep, [100.0 * r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None],
+                        marker="o", color=color, label=f"{name} test")
+        if any(r.get("train_accuracy") is not None for r in rows):
+            ep = [e for e, r in zip(epochs, rows) if r.get("train_accuracy") is not None]
+            ax_acc.plot(ep, [100.0 * r["train_accuracy"] for r in rows if r.get("train_accuracy") is not None],
+                        linestyle="--", color=color, alpha=0.6, label=f"{name} train")
+        losses = [(e, float(r["train_loss"])) for e, r in zip(epochs, rows) if r.get("train_loss") is not None]
+        if losses:
+            all_pos = all_pos and all(v > 0 and math.isfinite(v) for _, v in losses)
+            ax_loss.plot([e for e, _ in losses], [v for _, v in losses], marker="o", color=color, label=name)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title("accuracy (solid: test, dashed: train)")
+    ax_acc.grid(True, alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train loss")
+    ax_loss.set_title("training loss (each method's own loss)")
+    if all_pos and ax_loss.lines:
+        ax_loss.set_yscale("log")
+    ax_loss.grid(True, alpha=0.3)
+    if ax_loss.lines:
+        ax_loss.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _as_numpy_2d(a, name):
+    if isinstance(a, torch.Tensor):
+        a = a.detach().float().cpu().numpy()
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (N, D), got shape {a.shape}")
+    return a
+
+
+def pca_2d(z, *, extra=None):
+    """Project the rows of `z` (N, D) onto their two leading principal components.
+
+    Returns `(z2, extra2)`: `z` and `extra` (e.g. the prototypes, (C, D) or None)
+    projected with the mean and components fitted on `z` alone. A one-dimensional
+    `z` (D == 1) gets a zero second coordinate.
+    """
+    z = _as_numpy_2d(z, "z")
+    mean = z.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
+    comps = vt[:2]
+
+    def proj(a):
+        out = (a - mean) @ comps.T
+        if out.shape[1] < 2:
+            out = np.concatenate([out, np.zeros((out.shape[0], 2 - out.shape[1]))], axis=1)
+        return out
+
+    z2 = proj(z)
+    extra2 = None
+    if extra is not None:
+        extra = _as_numpy_2d(extra, "prototypes")
+        if extra.shape[1] != z.shape[1]:
+            raise ValueError(f"prototypes: expected {z.shape[1]} columns like z, got {extra.shape[1]}")
+        extra2 = proj(extra)
+    return z2, extra2
+
+
+def plot_projection(z, y, prototypes, path, title, *, class_names=None, max_points=2000):
+    """Scatter a 2-D PCA projection of the outputs `z` (N, D) coloured by label `y`.
+
+    `prototypes` ((C, D) or None) are projected with the same PCA and marked with a
+    star in the colour of their class. At most `max_points` points are drawn (the
+    first ones), so the PNG stays small.
+    """
+    z = _as_numpy_2d(z, "z")
+    y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y).reshape(-1)
+    if y.shape[0] != z.shape[0]:
+        raise ValueError(f"y: expected {z.shape[0]} labels (one per row of z), got {y.shape[0]}")
+    if z.shape[0] < 2:
+        raise ValueError(f"z: expected at least 2 points to project, got {z.shape[0]}")
+    z2, p2 = pca_2d(z, extra=prototypes)
+    n_classes = int(max(int(y.max()) + 1, 0 if p2 is None else p2.shape[0]))
+    cmap = plt.get_cmap("tab10" if n_classes <= 10 else "tab20")
+    color = lambda c: cmap(c % cmap.N)  # noqa: E731
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    keep = slice(0, max_points)
+    zs, ys = z2[keep], y[keep]
+    for c in np.unique(ys):
+        m = ys == c
+        label = class_names[int(c)] if class_names is not None else str(int(c))
+        ax.scatter(zs[m, 0], zs[m, 1], s=8, alpha=0.6, color=color(int(c)), label=label)
+    if p2 is not None:
+        for c in range(p2.shape[0]):
+            ax.scatter(p2[c, 0], p2[c, 1], marker="*", s=260, color=color(c), edgecolors="black", linewidths=1.0,
+                       zorder=5)
+        ax.scatter([], [], marker="*", s=120, color="white", edgecolors="black", label="prototypes")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    return save_figure(fig, path)

@@ -1,0 +1,168 @@
+"""Kill-safe training: an interrupted run resumed with --resume ends with the same weights
+(bitwise on CPU) as an uninterrupted one, including after a real SIGKILL in the middle of
+an epoch and in the middle of a checkpoint write.
+
+Test hooks of drp_train.train (environment variables; they only add sleeps):
+  DRP_TRAIN_TEST_STEP_SLEEP=s  sleep after each optimiser step (widens the mid-epoch window)
+  DRP_TRAIN_TEST_SAVE_SLEEP=s  hold the finished temporary checkpoint before its rename
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from drp_train import load_checkpoint
+from drp_train import train as train_mod
+from drp_train.config import TrainConfig
+from drp_train.train import train
+from test_data import make_idx_dataset
+
+TIME_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder, _ = make_idx_dataset(str(tmp_path_factory.mktemp("fmnist-resume")), n_train=256, n_test=64, seed=4)
+    return folder
+
+
+def options(data_dir, method):
+    return dict(dataset="fashion-mnist", data_dir=data_dir, method=method, epochs=3, batch_size=32,
+                limit_train=256, limit_test=64, proto_dim=16, augment=True, attack_steps=2, seed=7,
+                lr=0.02, checkpoint_every=3)
+
+
+def cli_args(opts, out):
+    args = ["train"]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            args += [flag, str(v)]
+    return args + ["--out", str(out), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"ref-{method}")
+            train(TrainConfig(**options(data_dir, method), out=str(out), quiet=True), progress=False)
+            runs[method] = load_checkpoint(str(out / "final.pt"))
+        return runs[method]
+    return get
+
+
+def assert_same_run(resumed, ref):
+    assert resumed["epoch"] == ref["epoch"] and resumed["global_step"] == ref["global_step"]
+    assert resumed["model"].keys() == ref["model"].keys()
+    for k in ref["model"]:
+        assert torch.equal(resumed["model"][k], ref["model"][k]), f"weights {k} differ after resume"
+    for i, state in ref["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    assert resumed["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]
+    strip = [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in ref["metrics"]]
+    assert [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in resumed["metrics"]] == strip
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["drp", "pgd-at"])
+def test_resume_after_an_exception_mid_epoch_is_exact(data_dir, tmp_path, monkeypatch, reference, method):
+    real = train_mod.make_method
+    calls = {"n": 0}
+
+    def crashing(cfg, **kw):
+        m = real(cfg, **kw)
+        loss = m.loss
+
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 13:  # epoch 2, step 5: after the step-12 checkpoint
+                raise _Crash()
+            return loss(*a, **k)
+        m.loss = wrapped
+        return m
+    monkeypatch.setattr(train_mod, "make_method", crashing)
+    cfg = TrainConfig(**options(data_dir, method), out=str(tmp_path), quiet=True)
+    with pytest.raises(_Crash):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_mod, "make_method", real)
+    partial = load_checkpoint(str(tmp_path / "last.pt"))
+    assert (partial["epoch"], partial["step"], partial["global_step"]) == (1, 4, 12)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    cfg.resume = True
+    result = train(cfg, progress=False)
+    assert_same_run(load_checkpoint(result["checkpoint"]), reference(method))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def _start(opts, out, env):
+    return subprocess.Popen([sys.executable, "-m", "drp_train", *cli_args(opts, out)],
+                            env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(cond, proc, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before the kill: {proc.stderr.read()!r}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the kill window")
+
+
+def _kill(proc):
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path, reference):
+    opts = options(data_dir, "drp")
+    out = tmp_path / "run"
+    proc = _start(opts, out, {"DRP_TRAIN_TEST_STEP_SLEEP": "0.2"})
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
+    time.sleep(0.5)  # a couple of steps into epoch 2
+    _kill(proc)
+    newest = load_checkpoint(str(out))  # the run folder resolves to last.pt
+    assert newest["epoch"] == 1 and newest["final"] is False
+    assert not (out / "final.pt").exists()
+    resumed = train(TrainConfig(**opts, out=str(out), quiet=True, resume=True), progress=False)
+    assert_same_run(load_checkpoint(resumed["checkpoint"]), reference("drp"))
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(data_dir, tmp_path, reference):
+    opts = options(data_dir, "drp")
+    out = tmp_path / "run"
+    proc = _start(opts, out, {"DRP_TRAIN_TEST_SAVE_SLEEP": "1.0"})
+
+    def writing_second_checkpoint():
+        if not (out / "last.pt").exists():
+            return False
+        return any(n.startswith(".tmp-last.pt.") for n in os.listdir(out))
+    _wait_for(writing_second_checkpoint, proc)
+    _kill(proc)
+    leftovers = [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert leftovers, "the kill did not land inside the checkpoint write"
+    newest = load_checkpoint(str(out / "last.pt"))
+    assert newest["global_step"] == 3  # the first periodic checkpoint, complete
+    resumed = train(TrainConfig(**opts, out=str(out), quiet=True, resume=True), progress=False)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    assert_same_run(load_checkpoint(resumed["checkpoint"]), reference("drp"))

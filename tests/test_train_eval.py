@@ -1,0 +1,206 @@
+"""`drp eval` and `drp compare` end to end on tiny Fashion-MNIST runs, and `drp eval` misuse."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import drp_kernels
+from drp_train import cli
+from drp_train.checkpoint import load_checkpoint, load_classifier
+from drp_train.config import TrainConfig
+from drp_train.data import load_dataset
+from drp_train.train import train
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the dataset-fashion-mnist package")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESULT_KEYS = {"eps", "robust_accuracy", "per_attack", "flags"}
+
+
+def run_cli(argv, capsys):
+    """drp_train.cli.main in-process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse exits this way
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_png(path, *, min_bytes=5000):
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert os.path.getsize(path) > min_bytes, (path, os.path.getsize(path))
+
+
+def clean_accuracy(model, n):
+    x, y = load_dataset("fashion-mnist", split="test", limit=n)
+    with torch.no_grad():
+        pred = model(x.float() / 255).argmax(dim=1)
+    return (pred == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def drp_run(tmp_path_factory):
+    """A 1-epoch DRP-linf CNN on 256 training points (seconds on the CPU)."""
+    out = tmp_path_factory.mktemp("drp_run")
+    cfg = TrainConfig(dataset="fashion-mnist", method="drp", metric="linf", proto_dim=16, model="cnn", epochs=1,
+                      batch_size=64, limit_train=256, limit_test=64, seed=0, out=str(out), quiet=True)
+    info = train(cfg, progress=False)
+    return out, info
+
+
+def check_eval_schema(doc, eps, n):
+    assert isinstance(doc["clean_accuracy"], float) and 0 <= doc["clean_accuracy"] <= 1
+    assert [r["eps"] for r in doc["results"]] == eps
+    for r in doc["results"]:
+        assert set(r) == RESULT_KEYS
+        assert isinstance(r["eps"], float) and isinstance(r["robust_accuracy"], float)
+        assert isinstance(r["per_attack"], dict) and r["per_attack"]
+        assert isinstance(r["flags"], list) and all(isinstance(f, str) for f in r["flags"])
+        # robust = survived every attack, so it is at most each attack's accuracy and the clean one
+        assert r["robust_accuracy"] <= doc["clean_accuracy"] + 1e-12
+        for name, acc in r["per_attack"].items():
+            assert 0 <= acc <= 1, name
+            assert r["robust_accuracy"] <= acc + 1e-12, name
+    assert doc["n"] == n
+
+
+def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
+    out, info = drp_run
+    js, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    code, stdout, err = run_cli(["eval", "--checkpoint", str(out), "--eps", "0.05", "0.5", "--suite", "quick",
+                                 "--limit", "40", "--json", str(js), "--plot", str(png), "--quiet"], capsys)
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    check_eval_schema(doc, [0.05, 0.5], 40)
+    # the clean accuracy is the checkpoint's own accuracy on the first 40 test points
+    model = load_classifier(info["checkpoint"])
+    assert isinstance(model, drp_kernels.ProtoClassifier)
+    assert doc["clean_accuracy"] == pytest.approx(clean_accuracy(model, 40), abs=1e-9)
+    # eps 0.5 on [0, 1] images leaves an undefended 1-epoch model at chance or below
+    assert doc["results"][1]["robust_accuracy"] <= 0.25
+    assert doc["dataset"] == "fashion-mnist" and doc["method"] == "drp" and doc["suite"] == "quick"
+    assert_png(str(png))
+    assert "clean accuracy" in stdout and "0.05" in stdout
+
+
+def test_eval_accepts_the_checkpoint_file(drp_run, tmp_path, capsys):
+    _, info = drp_run
+    js = tmp_path / "e.json"
+    code, _, err = run_cli(["eval", "--checkpoint", info["checkpoint"], "--eps", "0", "--suite", "quick",
+                            "--limit", "8", "--json", str(js), "--quiet"], capsys)
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    check_eval_schema(doc, [0.0], 8)
+    # at eps 0 nothing can move: robust accuracy is the clean accuracy
+    assert doc["results"][0]["robust_accuracy"] == pytest.approx(doc["clean_accuracy"])
+
+
+def _misuse_cases(run_dir, tmp):
+    protos = tmp / "protos.pt"
+    drp_kernels.save_prototypes(torch.randn(10, 8), str(protos))
+    junk = tmp / "junk.pt"
+    junk.write_bytes(os.urandom(256))
+    empty = tmp / "empty_dir"
+    empty.mkdir()
+    base = ["--suite", "quick", "--json", str(tmp / "out.json"), "--quiet"]
+    ok = ["--checkpoint", str(run_dir)]
+    return {
+        "negative eps": ok + ["--eps", "-0.1", "--limit", "4"] + base,
+        "limit zero": ok + ["--eps", "0.1", "--limit", "0"] + base,
+        "missing checkpoint": ["--checkpoint", str(tmp / "nope"), "--eps", "0.1", "--limit", "4"] + base,
+        "prototypes file": ["--checkpoint", str(protos), "--eps", "0.1", "--limit", "4"] + base,
+        "random bytes": ["--checkpoint", str(junk), "--eps", "0.1", "--limit", "4"] + base,
+        "folder without checkpoint": ["--checkpoint", str(empty), "--eps", "0.1", "--limit", "4"] + base,
+        "json in missing folder": ok + ["--eps", "0.1", "--limit", "4", "--suite", "quick", "--quiet",
+                                        "--json", str(tmp / "no" / "out.json")],
+    }
+
+
+@pytest.mark.parametrize("case", ["negative eps", "limit zero", "missing checkpoint", "prototypes file",
+                                  "random bytes", "folder without checkpoint", "json in missing folder"])
+def test_eval_misuse_is_one_line_exit_2(drp_run, tmp_path, capsys, case):
+    run_dir, _ = drp_run
+    argv = ["eval"] + _misuse_cases(run_dir, tmp_path)[case]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (case, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, (case, err)
+    assert lines[0].startswith("drp: error:"), (case, err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_eval_wrong_kind_checkpoint_in_a_real_process(tmp_path):
+    protos = tmp_path / "protos.pt"
+    drp_kernels.save_prototypes(torch.randn(10, 8), str(protos))
+    js = tmp_path / "out.json"
+    p = subprocess.run([sys.executable, "-m", "drp_train", "eval", "--checkpoint", str(protos), "--eps", "0.1",
+                        "--limit", "4", "--json", str(js)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "protos.pt" in p.stderr
+    assert not js.exists()
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "demo", "--out", str(out), "--limit-train", "256", "--limit-test", "64",
+            "--eval-limit", "32", "--epochs", "1", "--batch-size", "64", "--attack-steps", "2", "--suite", "quick",
+            "--eps", "0.1", "0.5", "--quiet"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    methods = ["ce", "drp-linf", "drp-cosine", "pgd-at"]
+    # the printed table: a header with each eps and one row per method
+    head = next(line for line in stdout.splitlines() if line.startswith("method"))
+    assert "clean" in head and "eps=0.1" in head and "eps=0.5" in head and "train time" in head
+    for m in methods:
+        assert any(line.split()[:1] == [m] for line in stdout.splitlines()), (m, stdout)
+
+    doc = json.loads((out / "compare.json").read_text())
+    assert list(doc["models"]) == methods
+    assert doc["settings"]["eps"] == [0.1, 0.5] and doc["settings"]["epochs"] == 1
+    assert doc["command"].startswith("drp compare --preset demo")
+    for m in methods:
+        entry = doc["models"][m]
+        check_eval_schema(dict(entry["eval"], n=entry["eval"]["n"]), [0.1, 0.5], 32)
+        assert entry["train_time_s"] > 0
+        assert len(entry["metrics"]) == 1 and entry["metrics"][0]["epoch"] in (0, 1)
+        # every method trained the same budget, and the checkpoint is the one evaluated
+        cfg = load_checkpoint(entry["checkpoint"])["config"]
+        assert (cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["limit_train"], cfg["model"]) == (
+            1, 64, 0, 256, "cnn")
+        model = load_classifier(entry["checkpoint"])
+        assert entry["eval"]["clean_accuracy"] == pytest.approx(clean_accuracy(model, 32), abs=1e-9)
+    assert load_checkpoint(doc["models"]["drp-cosine"]["checkpoint"])["config"]["metric"] == "cosine"
+    assert load_checkpoint(doc["models"]["pgd-at"]["checkpoint"])["config"]["method"] == "pgd-at"
+
+    report = (out / "report.md").read_text()
+    assert doc["command"] in report
+    for m in methods:
+        assert f"| {m} |" in report
+    assert "## Flags" in report and "## Settings" in report
+    for name in ["accuracy_vs_eps.png", "training_curves.png", "projection_drp-linf.png",
+                 "projection_drp-cosine.png", "projection_ce.png"]:
+        assert_png(str(out / name))
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--methods", "ce", "svm"], "--methods"),
+    (["--eps", "-0.2"], "--eps"),
+    (["--epochs", "0"], "--epochs"),
+    (["--eval-limit", "0"], "--eval-limit"),
+])
+def test_compare_misuse_is_one_line_exit_2(tmp_path, capsys, extra, needle):
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["compare", "--preset", "demo", "--out", str(out), "--quiet"] + extra, capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not out.exists() or not os.listdir(out)
