@@ -44,9 +44,10 @@ def _extensions():
                 sources=cpp_sources + cu_sources,
                 define_macros=[("DRP_WITH_CUDA", None)],
                 extra_compile_args={
-                    "cxx": cxx_flags,
+                    "cxx": cxx_flags + ["-fopenmp"],
                     "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"],
                 },
+                extra_link_args=["-fopenmp"],
             )
         ]
     return [

@@ -24,7 +24,7 @@
 #include "pgd_math.h"
 
 #ifdef DRP_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "pgd_step_cuda.cuh"
@@ -552,7 +552,7 @@ void pgd_step_cuda(const Tensor& x_adv, const Tensor& x, const Tensor& grad, dou
     cuda::StepParams p{w.data_ptr(), xs.data_ptr(), gs.data_ptr(), B, D, eps, alpha, opt_ptr(eps_ps),
                        opt_ptr(alpha_ps), active.has_value() ? active->data_ptr<bool>() : nullptr, lower, upper};
     const auto dt = cuda_dtype(x.scalar_type());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     cudaError_t err;
     if (norm == "linf") {
       err = cuda::pgd_step_linf(dt, p, stream);
@@ -578,7 +578,7 @@ Tensor ball_init_cuda(const Tensor& x, const Tensor& noise, const c10::optional<
                      radius_u.has_value() ? radius_u->data_ptr<float>() : nullptr, B, D, eps, opt_ptr(eps_ps),
                      lower, upper};
   const auto dt = cuda_dtype(x.scalar_type());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = norm == "linf" ? cuda::ball_init_linf(dt, p, stream) : cuda::ball_init_l2(dt, p, stream);
   TORCH_CHECK(err == cudaSuccess, "drp::ball_init CUDA launch failed: ", cudaGetErrorString(err));
   return out;

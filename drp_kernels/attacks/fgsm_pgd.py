@@ -33,15 +33,17 @@ def fgsm(model, x, y, *, eps, norm="linf"):
     return x_adv
 
 
-def _pgd_run(model, x, y, *, eps, alpha, steps, norm, loss_fn, x_start):
-    """One PGD run from ``x_start``; samples misclassified at the current iterate are frozen.
-
-    Returns (x_adv, fooled, final_loss). No host sync inside the loop."""
+def _pgd_run(model, x, y, *, eps, alpha, steps, norm, loss_fn, x_start, score=True):
+    """One PGD run from ``x_start`` (updated in place); samples misclassified at the current
+    iterate are frozen. Returns (x_adv, fooled, final_loss), the last two None unless
+    ``score`` (one more forward pass). No host sync inside the loop."""
     x_adv = x_start
     for _ in range(steps):
         logits, _, grad = C.input_grad(model, x_adv, y, loss_fn)
         active = logits.argmax(dim=1) == y
         pgd_step_(x_adv, x, grad, eps, alpha, norm=norm, active=active)
+    if not score:
+        return x_adv, None, None
     with torch.no_grad():
         out = model(x_adv)
         fooled = out.argmax(dim=1) != y
@@ -50,7 +52,7 @@ def _pgd_run(model, x, y, *, eps, alpha, steps, norm, loss_fn, x_start):
 
 
 def _pgd(model, x, y, *, eps, alpha, steps, norm, loss_fn, restarts, random_start, generator):
-    """PGD on validated inputs, the model already in eval mode."""
+    """PGD on validated inputs, the model already in eval mode. Returns (x_adv, fooled or None)."""
     x = x.detach()
     best = x.clone()
     best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -61,11 +63,16 @@ def _pgd(model, x, y, *, eps, alpha, steps, norm, loss_fn, restarts, random_star
             idx = (~best_fooled).nonzero().squeeze(1)  # later restarts only on the unbroken samples
             if idx.numel() == 0:
                 break
-        xs, ys = x[idx], y[idx]
-        es, als = C.subset_budget(eps, idx), C.subset_budget(alpha, idx)
+        if r == 0:
+            xs, ys, es, als = x, y, eps, alpha
+        else:
+            xs, ys = x[idx], y[idx]
+            es, als = C.subset_budget(eps, idx), C.subset_budget(alpha, idx)
         start = random_init(xs, es, norm=norm, generator=generator) if random_start else xs.clone()
         x_adv, fooled, final = _pgd_run(model, xs, ys, eps=es, alpha=als, steps=steps, norm=norm,
-                                        loss_fn=loss_fn, x_start=start)
+                                        loss_fn=loss_fn, x_start=start, score=restarts > 1)
+        if restarts == 1:  # nothing to compare with: no bookkeeping forward pass
+            return x_adv, None
         # worst case per sample: a fooling point beats any other; otherwise the higher loss wins
         better = fooled | (~best_fooled[idx] & (final > best_loss[idx]))
         view = better.view((-1,) + (1,) * (x.dim() - 1))

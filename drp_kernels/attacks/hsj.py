@@ -102,7 +102,8 @@ def _estimate_direction(oracle, x_b, y, num_evals, delta, norm, generator):
 
 
 def _initial_points(oracle, x, y, *, tries, generator, bview):
-    """Uniform noise that is adversarial, blended towards x by binary search. (x_adv, found)."""
+    """Uniform noise that is adversarial (else another sample of the batch with a different label),
+    blended towards x by binary search. Returns (x_adv, found). x must be classified correctly."""
     n = x.shape[0]
     start = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -114,6 +115,17 @@ def _initial_points(oracle, x, y, *, tries, generator, bview):
         ok = oracle(noise, y[idx])
         start[idx] = torch.where(ok.view(bview), noise, start[idx])
         found[idx] |= ok
+    # fallback: another sample of the batch with a different label (correct points, so it is
+    # classified as that label and is adversarial for this one)
+    idx = (~found).nonzero().squeeze(1)
+    if idx.numel() > 0 and n > 1:
+        perm = torch.randperm(n, generator=generator, device=x.device) if generator is not None \
+            else torch.randperm(n, device=x.device)
+        other = y[perm][None, :] != y[idx][:, None]  # (k, n)
+        has = other.any(dim=1)
+        j = perm[other.float().argmax(dim=1)]
+        start[idx] = torch.where(has.view(bview), x[j], start[idx])
+        found[idx] = has
     low = torch.zeros(n, device=x.device)
     high = torch.ones(n, device=x.device)
     for _ in range(12):

@@ -179,6 +179,8 @@ def _run_train(args) -> int:
                 break
     cfg = apply_preset(preset, explicit, base=base)
     result = train(cfg, progress=not cfg.quiet)
+    if result.get("rank", 0) != 0:
+        return 0  # under DDP only rank 0 reports
     final = result["final"]
     print(f"trained {cfg.method} on {cfg.dataset}: test accuracy {final.get('test_accuracy', float('nan')):.4f} "
           f"after {final.get('epoch', 0)} epochs, {result['train_time_s']:.1f}s of training; "

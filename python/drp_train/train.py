@@ -455,6 +455,7 @@ class _Trainer:
 
     def _result(self, metrics, train_time):
         return {
+            "rank": self.info.rank,
             "out": self.out,
             "checkpoint": self.final_path,
             "last_checkpoint": self.last_path,
