@@ -3,7 +3,7 @@ plain PyTorch PGD loop (provider "eager"), same small CNN, inputs and settings.
 
 The CNN is the PAPER.md Fashion-MNIST one: conv 16 and conv 32 (4x4, stride 2), FC 100.
 Shapes: CUDA batch 512 x 1 x 28 x 28 with 20 steps (target: drp >= 1.3x eager);
-CPU batch 64 with 10 steps (recorded in bench/results/cpu_attacks.json).
+CPU batch 64 with 10 steps, one thread (recorded in bench/results/cpu_attacks.json).
 Run: pytest bench/bench_attacks.py --benchmark-only
 """
 import pytest
@@ -64,6 +64,17 @@ def test_pgd(benchmark, timed, provider, kind):
     else:
         gen = torch.Generator(device=device)
         fn = lambda: eager_pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=steps, generator=gen.manual_seed(0))
+    if kind == "cpu":  # single-threaded: stable figures on a shared machine; restored afterwards
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    try:
+        _run(benchmark, timed, fn, x, device, kind, shape, steps, provider)
+    finally:
+        if kind == "cpu":
+            torch.set_num_threads(n_threads)
+
+
+def _run(benchmark, timed, fn, x, device, kind, shape, steps, provider):
     # per step: read x_adv, x, grad and write x_adv in the update (the model's traffic is not counted)
     timed(benchmark, fn, group=f"pgd-{kind}-B{shape['batch']}-steps{steps}", provider=provider, device=device,
           bytes_moved=4 * x.numel() * x.element_size() * steps, batch=shape["batch"], steps=steps)

@@ -103,7 +103,9 @@ def test_build_model_rejects_unknown():
 # ----------------------------------------------------------------------------- every method
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_round_trips(tiny_dir, tmp_path, method):
-    cfg = tiny_cfg(tiny_dir, tmp_path / method, method=method, epochs=2, augment=(method == "drp"))
+    extra = {} if method == "drp" else dict(lr=0.1)
+    cfg = tiny_cfg(tiny_dir, tmp_path / method, method=method, epochs=2, batch_size=16,
+                   augment=(method == "drp"), **extra)
     result = run_train(cfg, progress=False)
     out = tmp_path / method
     assert result["out"] == str(out) and result["checkpoint"] == str(out / "final.pt")
@@ -141,7 +143,7 @@ def test_every_method_trains_and_round_trips(tiny_dir, tmp_path, method):
         assert acc > 0.3, f"{method} did not learn the synthetic task (test accuracy {acc})"
     same = drp_train.load_classifier(str(out / "last.pt"))
     with torch.no_grad():
-        assert torch.equal(same(x[:5].float() / 255), logits[:5])
+        assert torch.equal(same(x.float() / 255), logits)
 
 
 def test_drp_with_prototype_file_and_cosine(tiny_dir, tmp_path):

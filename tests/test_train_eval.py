@@ -47,10 +47,10 @@ def clean_accuracy(model, n):
 
 @pytest.fixture(scope="module")
 def drp_run(tmp_path_factory):
-    """A 1-epoch DRP-linf CNN on 256 training points (seconds on the CPU)."""
+    """A 2-epoch DRP-cosine CNN on 512 training points (seconds on the CPU; about 60% clean)."""
     out = tmp_path_factory.mktemp("drp_run")
-    cfg = TrainConfig(dataset="fashion-mnist", method="drp", metric="linf", proto_dim=16, model="cnn", epochs=1,
-                      batch_size=64, limit_train=256, limit_test=64, seed=0, out=str(out), quiet=True)
+    cfg = TrainConfig(dataset="fashion-mnist", method="drp", metric="cosine", proto_dim=16, model="cnn", epochs=2,
+                      batch_size=32, limit_train=512, limit_test=64, seed=0, out=str(out), quiet=True)
     info = train(cfg, progress=False)
     return out, info
 
@@ -64,10 +64,11 @@ def check_eval_schema(doc, eps, n):
         assert isinstance(r["per_attack"], dict) and r["per_attack"]
         assert isinstance(r["flags"], list) and all(isinstance(f, str) for f in r["flags"])
         # robust = survived every attack, so it is at most each attack's accuracy and the clean one
-        assert r["robust_accuracy"] <= doc["clean_accuracy"] + 1e-12
+        # (1e-6: the accuracies are counts / n, some computed in float32)
+        assert r["robust_accuracy"] <= doc["clean_accuracy"] + 1e-6
         for name, acc in r["per_attack"].items():
             assert 0 <= acc <= 1, name
-            assert r["robust_accuracy"] <= acc + 1e-12, name
+            assert r["robust_accuracy"] <= acc + 1e-6, name
     assert doc["n"] == n
 
 
@@ -82,8 +83,9 @@ def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
     # the clean accuracy is the checkpoint's own accuracy on the first 40 test points
     model = load_classifier(info["checkpoint"])
     assert isinstance(model, drp_kernels.ProtoClassifier)
-    assert doc["clean_accuracy"] == pytest.approx(clean_accuracy(model, 40), abs=1e-9)
-    # eps 0.5 on [0, 1] images leaves an undefended 1-epoch model at chance or below
+    assert doc["clean_accuracy"] == pytest.approx(clean_accuracy(model, 40), abs=1e-6)
+    assert doc["clean_accuracy"] > 0.3  # it learned something, so the next check means something
+    # eps 0.5 on [0, 1] images leaves an undefended model at chance or below
     assert doc["results"][1]["robust_accuracy"] <= 0.25
     assert doc["dataset"] == "fashion-mnist" and doc["method"] == "drp" and doc["suite"] == "quick"
     assert_png(str(png))
@@ -177,7 +179,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert (cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["limit_train"], cfg["model"]) == (
             1, 64, 0, 256, "cnn")
         model = load_classifier(entry["checkpoint"])
-        assert entry["eval"]["clean_accuracy"] == pytest.approx(clean_accuracy(model, 32), abs=1e-9)
+        assert entry["eval"]["clean_accuracy"] == pytest.approx(clean_accuracy(model, 32), abs=1e-6)
     assert load_checkpoint(doc["models"]["drp-cosine"]["checkpoint"])["config"]["metric"] == "cosine"
     assert load_checkpoint(doc["models"]["pgd-at"]["checkpoint"])["config"]["method"] == "pgd-at"
 

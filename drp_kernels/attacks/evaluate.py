@@ -308,8 +308,8 @@ def _evaluate(model, x, y, *, eps, suite, batch_size, norm, seed, progress, chec
         timings["checks"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return {
-        "clean_accuracy": float(correct.float().mean()),
-        "robust_accuracy": float(robust.float().mean()),
+        "clean_accuracy": int(correct.sum()) / n,
+        "robust_accuracy": int(robust.sum()) / n,
         "per_attack": per_attack,
         "timings": timings,
         "flags": flags,

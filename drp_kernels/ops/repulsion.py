@@ -155,7 +155,8 @@ def _pair_coef(dist, valid, g, log_s, t, KIND: tl.constexpr):
     if KIND == 0:
         coef = tl.where(valid, -g, 0.0)
     else:
-        coef = tl.where(valid, -2.0 * g * tl.exp(-dist / t - log_s), 0.0)
+        # exponent masked first: off the valid pairs (e.g. the diagonal) it could overflow
+        coef = -2.0 * g * tl.exp(tl.where(valid, -dist / t - log_s, float("-inf")))
     return coef
 
 

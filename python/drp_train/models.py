@@ -36,18 +36,18 @@ class Normalize(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Conv(32, 3x3) - Conv(32, 4x4, stride 2) - Conv(64, 4x4, stride 2) - FC(128) - FC(out).
+    """Conv(32, 4x4, stride 2) - Conv(64, 4x4, stride 2) - FC(128) - FC(out).
 
-    A little wider than the conv16/conv32/FC100 network of the paper's Fashion-MNIST
-    reference so that plain CE passes 90% in a few epochs, and still cheap enough for
-    PGD adversarial training on a 2-core CPU.
+    The conv16/conv32/FC100 network of the paper's Fashion-MNIST reference (Wong & Kolter's
+    small model) at twice the width, so that plain CE passes 90% in a few epochs while PGD
+    adversarial training still fits a 2-core CPU (about 2.1 M multiply-adds per 28x28 image).
     """
 
-    def __init__(self, *, in_channels: int, out_features: int, input_size: int = 28, width: int = 32, hidden: int = 128):
+    def __init__(self, *, in_channels: int, out_features: int, input_size: int = 28, width: int = 32,
+                 hidden: int = 128):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(inplace=True),
         )
         side = input_size // 4
