@@ -29,7 +29,10 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -38,17 +41,22 @@ if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, MockTensor  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa: E402
 
 # SM count of the reference part of each architecture (A100, H100 SXM): launchers that size
 # their grid from torch.cuda.get_device_properties see these.
 _SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
+# Largest dynamic shared memory per block (opt-in) and registers per block, by compute capability.
+MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+REGS_PER_BLOCK = 65536
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -134,9 +142,16 @@ class Recorder:
 
     def __init__(self):
         self.jobs = {}  # key -> job dict
+        self.binders = {}
+        self.target = None
+        self.n_launches = 0
+        self.in_autotune = False
         self.scenario = ""
 
     def jit_run(self, fn, args, kwargs):
+        if not self.in_autotune:
+            self.n_launches += 1
+        launch = f"sm_{self.target.arch}#{self.n_launches}"
         kwargs = dict(kwargs)
         kwargs.pop("grid", None)
         kwargs.pop("warmup", None)
@@ -146,7 +161,12 @@ class Recorder:
         kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
         kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
-        _, _, target, backend, binder = fn.device_caches[0]
+        target = self.target
+        cache_key = (id(fn), target.arch)
+        if cache_key not in self.binders:  # fn.device_caches would pin the first arch's target
+            backend = make_backend(target)
+            self.binders[cache_key] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
+        backend, binder = self.binders[cache_key]
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
         named = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
@@ -161,12 +181,15 @@ class Recorder:
                            "num_warps": options.num_warps, "num_stages": options.num_stages,
                            "dtypes": sorted({v for v in signature.values() if isinstance(v, str)
                                              and v.startswith("*")})},
-                "scenario": self.scenario,
+                "scenario": self.scenario, "launches": [],
             }
+        if launch not in self.jobs[key]["launches"]:
+            self.jobs[key]["launches"].append(launch)
 
     @contextlib.contextmanager
     def installed(self, arch: int):
         target = GPUTarget("cuda", arch, 32)
+        self.target = target
         recorder = self
         old_jit_run, old_tune_run = JITFunction.run, Autotuner.run
         old_props = torch.cuda.get_device_properties
@@ -176,8 +199,13 @@ class Recorder:
 
         def tune_run(tuner, *args, **kwargs):
             tuner.nargs = dict(zip(tuner.arg_names, args))
-            for config in tuner.prune_configs(kwargs):
-                tuner.fn.run(*args, **dict(kwargs, **config.all_kwargs()))
+            recorder.n_launches += 1
+            recorder.in_autotune = True
+            try:
+                for config in tuner.prune_configs(kwargs):
+                    tuner.fn.run(*args, **dict(kwargs, **config.all_kwargs()))
+            finally:
+                recorder.in_autotune = False
 
         old_driver = _driver._active
         _driver.set_active(_AotDriver(target))
@@ -216,18 +244,22 @@ def _env(**values):
 SHAPES = [(256, 128, 128), (37, 257, 130)]
 
 
-def _scenarios_proto_loss(dtypes):
+def _scenarios_proto_loss(dtypes, quick):
+    """proto_loss / proto_logits forward and backward: every metric, CE on and off, grad_P on and off."""
     from drp_kernels.ops import proto_loss as pl
 
     pairs = [(dtypes[n], dtypes[n]) for n in dtypes]
-    if "bf16" in dtypes and "fp32" in dtypes:
+    if not quick and "bf16" in dtypes and "fp32" in dtypes:
         pairs.append((torch.bfloat16, torch.float32))  # autocast: 16-bit features, fp32 prototypes
+    shapes = SHAPES[1:] if quick else SHAPES
+    ces = (0.5,) if quick else (0.0, 0.5)  # 0.5 runs every kernel; 0.0 only drops HAS_BASE
+    need_ps = (True,) if quick else (False, True)
     for zdt, pdt in pairs:
-        for b, c, d in SHAPES:
+        for b, c, d in shapes:
             for metric in pl.METRICS:
                 native = zdt == pdt and zdt != torch.float32  # 16-bit dot; else DRP_FP32_DOT decides
-                fp32_dots = ["tf32x3", "ieee", "tf32"] if metric == "cosine" and not native else [None]
-                for prec in fp32_dots:
+                precs = ["tf32x3", "ieee", "tf32"] if metric == "cosine" and not native and not quick else [None]
+                for prec in precs:
                     name = f"proto_loss {metric} z={zdt} P={pdt} B,C,D={b},{c},{d} DRP_FP32_DOT={prec}"
 
                     def run(metric=metric, zdt=zdt, pdt=pdt, b=b, c=c, d=d, prec=prec):
@@ -235,65 +267,124 @@ def _scenarios_proto_loss(dtypes):
                             z = torch.empty((b, d), device="cuda", dtype=zdt)
                             p = torch.empty((c, d), device="cuda", dtype=pdt)
                             y = torch.empty((b,), device="cuda", dtype=torch.int64)
-                            for ce in (0.0, 0.5):
+                            for ce in ces:
                                 per, lse, idx = pl.proto_loss_forward(z, p, y, metric, ce, 2.0)
-                                g = torch.empty_like(per)
-                                for need_p in (False, True):
-                                    pl.proto_loss_backward(g, z, p, y, lse, idx, metric, ce, 2.0, need_p)
+                                for need_p in need_ps:
+                                    pl.proto_loss_backward(torch.empty_like(per), z, p, y, lse, idx, metric, ce,
+                                                           2.0, need_p)
                             logits = pl.proto_logits_forward(z, p, metric)
-                            for need_p in (False, True):
+                            for need_p in need_ps:
                                 pl.proto_logits_backward(torch.empty_like(logits), z, p, metric, need_p)
 
                     yield name, run
 
 
-def _scenarios_repulsion(dtypes):
+def _scenarios_repulsion(dtypes, quick):
+    """repulsion forward and backward: every metric and kind."""
     from drp_kernels.ops import repulsion as rp
-    import inspect
 
-    metrics = getattr(rp, "METRICS", ("cosine", "l2", "linf"))
-    kinds = getattr(rp, "KINDS", ("softmin", "max", "log"))
-    params = inspect.signature(rp.repulsion_backward).parameters
-    for name_dt, dt in dtypes.items():
-        for c, d in [(128, 128), (257, 130)]:
-            for metric in metrics:
-                for kind in kinds:
-                    name = f"repulsion {metric} {kind} P={dt} C,D={c},{d}"
+    shapes = [(257, 130)] if quick else [(128, 128), (257, 130)]
+    for dt in dtypes.values():
+        for c, d in shapes:
+            for metric in rp.METRICS:
+                precs = ["tf32x3", "ieee", "tf32"] if metric == "cosine" and not quick else [None]
+                for prec in precs:
+                    for kind in rp.KINDS:
+                        name = f"repulsion {metric} {kind} X={dt} C,D={c},{d} DRP_DOT_PRECISION={prec}"
 
-                    def run(metric=metric, kind=kind, dt=dt, c=c, d=d):
-                        x = torch.empty((c, d), device="cuda", dtype=dt)
-                        try:
-                            rp._check_x(x, metric, kind)
-                        except (ValueError, RuntimeError):
-                            return  # a combination the op rejects before launching anything
-                        out = rp.repulsion_forward(x, metric=metric, kind=kind, temperature=0.5)
-                        row = out[1] if isinstance(out, tuple) else out
-                        kw = {k: v for k, v in (("metric", metric), ("kind", kind), ("temperature", 0.5))
-                              if k in params}
-                        rp.repulsion_backward(torch.empty((), device="cuda", dtype=torch.float32), x, row, **kw)
+                        def run(metric=metric, kind=kind, dt=dt, c=c, d=d, prec=prec):
+                            with _env(DRP_DOT_PRECISION=prec):
+                                x = torch.empty((c, d), device="cuda", dtype=dt)
+                                row = rp.repulsion_forward(x, metric=metric, kind=kind, temperature=0.5)
+                                grad = torch.empty((), device="cuda", dtype=torch.float32)
+                                rp.repulsion_backward(grad, x, row, metric=metric, kind=kind, temperature=0.5)
 
-                    yield name, run
+                        yield name, run
+
+
+@triton.jit
+def _selftest_mixed_dot_kernel(a_ptr, b_ptr, o_ptr, BLOCK: tl.constexpr):
+    """Does not compile: tl.dot of fp16 and fp32 operands."""
+    r = tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + r[:, None] * BLOCK + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * BLOCK + r[None, :])
+    tl.store(o_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def _selftest_big_tile_kernel(a_ptr, o_ptr, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Compiles, but its pipelined fp32 tiles need far more shared memory than any GPU has."""
+    r = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + r[:, None] * K + kk[None, :])
+        b = tl.load(a_ptr + kk[:, None] * K + r[None, :])
+        acc += tl.dot(a, b)
+    tl.store(o_ptr + r[:, None] * BLOCK + r[None, :], acc)
+
+
+def _scenarios_selftest(dtypes, quick):
+    """Two kernels that must be reported as failures (checks this harness, not drp_kernels)."""
+
+    def run():
+        a = torch.empty((64, 64), device="cuda", dtype=torch.float16)
+        b = torch.empty((64, 64), device="cuda", dtype=torch.float32)
+        _selftest_mixed_dot_kernel[(1,)](a, b, b, BLOCK=64)
+        x = torch.empty((1024, 1024), device="cuda", dtype=torch.float32)
+        _selftest_big_tile_kernel[(1,)](x, x, 1024, BLOCK=128, BLOCK_K=64, num_warps=4, num_stages=4)
+
+    yield "selftest", run
 
 
 SCENARIOS = {"proto_loss": _scenarios_proto_loss, "repulsion": _scenarios_repulsion}
+SELFTEST = {"_selftest": _scenarios_selftest}
 
 
 # -------------------------------------------------------------------------- compile
 _JOBS = []
 
 
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _resource_usage(cubin: bytes, name: str) -> dict:
+    """REG / LOCAL (spill) / SHARED of the kernel, from the cuobjdump shipped in the Triton wheel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"Function " + re.escape(name) + r":\s*\n\s*(.*)", out)
+    if m is None:
+        raise RuntimeError(f"no resource usage for {name} in cuobjdump output:\n{out}")
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|LOCAL|STACK):(\d+)", m.group(1))}
+
+
 def _compile_one(i: int) -> dict:
+    """Compile one job; 'ok' also requires the launch-time limits that Triton's loader checks."""
     job = _JOBS[i]
     t0 = time.perf_counter()
-    out = {"arch": job["arch"], "kernel": job["kernel"], "config": job["config"], "scenario": job["scenario"]}
+    out = {"arch": job["arch"], "kernel": job["kernel"], "config": job["config"], "scenario": job["scenario"],
+           "launches": job["launches"]}
     try:
         src = ASTSource(job["fn"], job["signature"], job["constexprs"], job["attrs"])
         k = triton.compile(src, target=job["target"], options=job["options"])
         asm = k.asm
-        if "cubin" not in asm or not asm["cubin"]:
+        if not asm.get("cubin"):
             raise RuntimeError(f"no cubin produced (stages: {sorted(asm)})")
-        out.update(ok=True, error=None, cubin_bytes=len(asm["cubin"]), n_regs=k.n_regs if hasattr(k, "n_regs") else None,
-                   shared=k.metadata.shared)
+        use = _resource_usage(asm["cubin"], k.metadata.name)
+        threads = k.metadata.num_warps * k.metadata.warp_size
+        max_shared = MAX_SHARED[job["arch"]]
+        out.update(shared=k.metadata.shared, regs=use.get("reg"), spill_bytes=use.get("stack", 0) + use.get("local", 0),
+                   cubin_bytes=len(asm["cubin"]), ptx_lines=asm["ptx"].count("\n"))
+        problems = []
+        if k.metadata.shared > max_shared:
+            problems.append(f"needs {k.metadata.shared} B of shared memory, sm_{job['arch']} allows {max_shared} B "
+                            "per block (triton raises OutOfResources at launch)")
+        if use.get("reg", 0) * threads > REGS_PER_BLOCK:
+            problems.append(f"{use['reg']} registers x {threads} threads > {REGS_PER_BLOCK}")
+        out.update(ok=not problems, error="; ".join(problems) or None)
     except Exception as exc:  # report every failure, keep compiling the others
         msg = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         out.update(ok=False, error=msg[-4000:])
@@ -301,7 +392,24 @@ def _compile_one(i: int) -> dict:
     return out
 
 
-def capture(archs, ops, dtypes, autotune: bool):
+def defined_kernels() -> dict:
+    """{module: [kernel names]} of every launchable Triton kernel (``*_kernel``) in drp_kernels.ops."""
+    import importlib
+    import pkgutil
+
+    import drp_kernels.ops as ops_pkg
+
+    found = {}
+    for info in pkgutil.iter_modules(ops_pkg.__path__):
+        mod = importlib.import_module(f"drp_kernels.ops.{info.name}")
+        names = sorted(n for n, v in vars(mod).items()
+                       if n.endswith("_kernel") and isinstance(v, triton.runtime.jit.KernelInterface))
+        if names:
+            found[info.name] = names
+    return found
+
+
+def capture(archs, ops, dtypes, autotune: bool, quick: bool = False):
     """Run the launchers on fake CUDA tensors for each arch; return the deduplicated compile jobs."""
     if autotune:
         os.environ["DRP_AUTOTUNE"] = "1"
@@ -310,7 +418,7 @@ def capture(archs, ops, dtypes, autotune: bool):
         rec = Recorder()
         with rec.installed(arch):
             for op in ops:
-                for name, run in SCENARIOS[op](dtypes):
+                for name, run in {**SCENARIOS, **SELFTEST}[op](dtypes, quick):
                     rec.scenario = name
                     with FakeTensorMode(), _FakeCudaIndexing():
                         run()
@@ -321,40 +429,51 @@ def capture(archs, ops, dtypes, autotune: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
-    ap.add_argument("--op", action="append", choices=sorted(SCENARIOS), help="op file (repeatable; default all)")
+    ap.add_argument("--op", action="append", choices=sorted({**SCENARIOS, **SELFTEST}), help="op file (repeatable; default all)")
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="input dtype (repeatable; default all)")
     ap.add_argument("--autotune", action="store_true", help="compile every DRP_AUTOTUNE=1 config instead")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
+    ap.add_argument("--quick", action="store_true",
+                    help="one odd shape, all flags on, default dot precision, no mixed dtypes")
     ap.add_argument("--list", action="store_true", help="only list the captured configurations")
     a = ap.parse_args(argv)
     archs = a.arch or [80, 90]
     ops = a.op or sorted(SCENARIOS)
     dtypes = {n: DTYPES[n] for n in (a.dtype or ["fp32", "fp16", "bf16"])}
     try:
-        jobs = capture(archs, ops, dtypes, a.autotune)
+        jobs = capture(archs, ops, dtypes, a.autotune, a.quick)
     except Exception:
         print(json.dumps({"capture_error": traceback.format_exc()[-6000:]}), flush=True)
         return 2
-    print(json.dumps({"captured": len(jobs)}), flush=True)
+    print(json.dumps({"captured": len(jobs), "defined_kernels": defined_kernels(),
+                      "scenario_ops": sorted(SCENARIOS)}), flush=True)
     if a.list:
         for j in jobs:
             print(json.dumps({"arch": j["arch"], "kernel": j["kernel"], "config": j["config"],
                               "scenario": j["scenario"]}), flush=True)
         return 0
     _JOBS[:] = jobs
-    failed = 0
+    results = []
     if a.jobs > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("fork")
         with cf.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as ex:
-            results = ex.map(_compile_one, range(len(jobs)))
-            for r in results:
-                failed += not r["ok"]
+            for r in ex.map(_compile_one, range(len(jobs))):
+                results.append(r)
                 print(json.dumps(r), flush=True)
     else:
         for i in range(len(jobs)):
-            r = _compile_one(i)
-            failed += not r["ok"]
-            print(json.dumps(r), flush=True)
+            results.append(_compile_one(i))
+            print(json.dumps(results[-1]), flush=True)
+    if not a.autotune:
+        failed = [r for r in results if not r["ok"]]
+    else:
+        # the autotuner skips configs that hit launch limits; a launch fails when none of its configs works
+        ok_launches = {launch for r in results if r["ok"] for launch in r["launches"]}
+        failed = [r for r in results if not r["ok"] and not set(r["launches"]) <= ok_launches]
+        for launch in sorted({launch for r in results for launch in r["launches"]} - ok_launches):
+            print(json.dumps({"launch_without_working_config": launch}), flush=True)
+    print(json.dumps({"compiled": len(results), "failed": len(failed),
+                      "seconds": round(sum(r["seconds"] for r in results), 1)}), flush=True)
     return 1 if failed else 0
 
 

@@ -487,15 +487,27 @@ def _dot_precision(z: torch.Tensor, p: torch.Tensor) -> str:
     return prec
 
 
-def _tile_meta(metric: int, z: torch.Tensor) -> dict:
-    """Fixed tile sizes (ignored when DRP_AUTOTUNE=1)."""
+def _tile_meta(metric: int, z: torch.Tensor, *, backward: bool = False, dot_prec: str = "native") -> dict:
+    """Fixed tile sizes (ignored when DRP_AUTOTUNE=1).
+
+    Every CUDA tile needs at most 96 KiB of shared memory per block (measured by
+    tests/test_triton_compile.py, which compiles them for sm_80 and sm_90), so they also fit
+    the 99 KiB of sm_86 / sm_89.
+    """
     if _AUTOTUNE:
         return {}
     if interpreter_enabled() and not z.is_cuda:
         # the interpreter runs each block op in numpy: fewer, larger programs are faster
         return {"BLOCK_B": 32, "BLOCK_C": 64, "BLOCK_D": 32}
     if metric == 2:
-        return {"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3}
+        if not backward:
+            return {"BLOCK_B": 128, "BLOCK_C": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3}
+        # The backward's weight dots stage (BLOCK_B, BLOCK_C) fp32 tiles in shared memory: at
+        # 128 x 128 they take 144 KiB (16-bit) to 352 KiB (fp32 tf32x3), more than a block may
+        # use on an A100 (163 KiB) or H100 (227 KiB).
+        if dot_prec == "native":
+            return {"BLOCK_B": 128, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_D": 8, "num_warps": 4}
 
 
@@ -579,12 +591,13 @@ def _logits_backward_partials(g, z, p, metric: int, need_grad_p: bool, *, lse=No
         inv_zn = inv_pn = uz
     if b > 0 and c > 0:
         from_ce = lse is not None
-        meta = _tile_meta(metric, z)
+        dot_prec = _dot_precision(z, p)
+        meta = _tile_meta(metric, z, backward=True, dot_prec=dot_prec)
         _proto_logits_bwd_kernel[_tile_grid(b, c, meta)](
             g, g.stride(0) if not from_ce else 0, g.stride(1) if not from_ce else 0, z, p,
             inv_zn, inv_pn, lse if from_ce else uz, uz, up, rz, rp, b, c, d,
             z.stride(0), z.stride(1), p.stride(0), p.stride(1), float(inv_temp),
-            METRIC=metric, FROM_CE=from_ce, HAS_GRAD_P=need_grad_p, DOT_PREC=_dot_precision(z, p), **meta)
+            METRIC=metric, FROM_CE=from_ce, HAS_GRAD_P=need_grad_p, DOT_PREC=dot_prec, **meta)
     grad_p = None
     if metric == 0:
         grad_z = uz

@@ -424,9 +424,3 @@ def repulsion_energy(P: torch.Tensor, *, metric: str = "cosine", kind: str = "so
     energy, _row = torch.ops.drp.repulsion_fwd(x, metric, kind, float(temperature))
     return energy
 
-
-def _flops(C: int, D: int, metric: str) -> int:
-    """Multiply-adds x 2 of a forward + backward (bench helper): every ordered pair, both passes."""
-    per_pair = 2 * D if metric == "cosine" else 3 * D
-    return int(3 * C * C * per_pair)
-
