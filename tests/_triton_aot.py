@@ -432,9 +432,10 @@ def main(argv=None) -> int:
     ap.add_argument("--op", action="append", choices=sorted({**SCENARIOS, **SELFTEST}), help="op file (repeatable; default all)")
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="input dtype (repeatable; default all)")
     ap.add_argument("--autotune", action="store_true", help="compile every DRP_AUTOTUNE=1 config instead")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes (default: all cores)")
     ap.add_argument("--quick", action="store_true",
                     help="one odd shape, all flags on, default dot precision, no mixed dtypes")
+    ap.add_argument("--kernel", help="only compile kernels whose name contains this")
     ap.add_argument("--list", action="store_true", help="only list the captured configurations")
     a = ap.parse_args(argv)
     archs = a.arch or [80, 90]
@@ -442,6 +443,7 @@ def main(argv=None) -> int:
     dtypes = {n: DTYPES[n] for n in (a.dtype or ["fp32", "fp16", "bf16"])}
     try:
         jobs = capture(archs, ops, dtypes, a.autotune, a.quick)
+        jobs = [j for j in jobs if a.kernel is None or a.kernel in j["kernel"]]
     except Exception:
         print(json.dumps({"capture_error": traceback.format_exc()[-6000:]}), flush=True)
         return 2

@@ -43,6 +43,8 @@ def test_config_plain_data_roundtrip_and_defaults():
     assert r.model == "cnn" and r.eps == 0.1 and r.proto_dim == 100 and r.augment is False
     assert math.isclose(r.attack_alpha, 2.5 * 0.1 / 10)
     assert TrainConfig(method="fast-at").resolved().attack_alpha == pytest.approx(0.125)
+    assert (TrainConfig().resolved().weight_decay, r.weight_decay) == (5e-5, 5e-4)
+    assert (TrainConfig().resolved().lr, r.lr) == (0.01, 0.05)
     c10 = TrainConfig(dataset="cifar10").resolved()
     assert c10.model == "resnet18" and c10.eps == pytest.approx(8 / 255) and c10.augment is True
     assert TrainConfig(dataset="cifar100").resolved().proto_dim == 500

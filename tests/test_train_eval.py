@@ -75,33 +75,33 @@ def check_eval_schema(doc, eps, n):
 def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
     out, info = drp_run
     js, png = tmp_path / "eval.json", tmp_path / "eval.png"
-    code, stdout, err = run_cli(["eval", "--checkpoint", str(out), "--eps", "0.05", "0.5", "--suite", "quick",
+    code, stdout, err = run_cli(["eval", "--checkpoint", str(out), "--eps", "0", "0.05", "0.5", "--suite", "quick",
                                  "--limit", "40", "--json", str(js), "--plot", str(png), "--quiet"], capsys)
     assert code == 0, err
     doc = json.loads(js.read_text())
-    check_eval_schema(doc, [0.05, 0.5], 40)
+    check_eval_schema(doc, [0.0, 0.05, 0.5], 40)
     # the clean accuracy is the checkpoint's own accuracy on the first 40 test points
     model = load_classifier(info["checkpoint"])
     assert isinstance(model, drp_kernels.ProtoClassifier)
     assert doc["clean_accuracy"] == pytest.approx(clean_accuracy(model, 40), abs=1e-6)
-    assert doc["clean_accuracy"] > 0.3  # it learned something, so the next check means something
+    assert doc["clean_accuracy"] > 0.3  # it learned something, so the checks below mean something
+    # at eps 0 nothing can move: robust accuracy is the clean accuracy
+    assert doc["results"][0]["robust_accuracy"] == pytest.approx(doc["clean_accuracy"], abs=1e-6)
     # eps 0.5 on [0, 1] images leaves an undefended model at chance or below
-    assert doc["results"][1]["robust_accuracy"] <= 0.25
+    assert doc["results"][2]["robust_accuracy"] <= 0.25
+    assert doc["checkpoint"] == os.path.abspath(info["checkpoint"])
     assert doc["dataset"] == "fashion-mnist" and doc["method"] == "drp" and doc["suite"] == "quick"
     assert_png(str(png))
     assert "clean accuracy" in stdout and "0.05" in stdout
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
-def test_eval_accepts_the_checkpoint_file(drp_run, tmp_path, capsys):
-    _, info = drp_run
-    js = tmp_path / "e.json"
-    code, _, err = run_cli(["eval", "--checkpoint", info["checkpoint"], "--eps", "0", "--suite", "quick",
-                            "--limit", "8", "--json", str(js), "--quiet"], capsys)
-    assert code == 0, err
-    doc = json.loads(js.read_text())
-    check_eval_schema(doc, [0.0], 8)
-    # at eps 0 nothing can move: robust accuracy is the clean accuracy
-    assert doc["results"][0]["robust_accuracy"] == pytest.approx(doc["clean_accuracy"])
+def test_eval_resolves_a_run_folder_or_a_file(drp_run):
+    from drp_train.evaluation import resolve_checkpoint
+
+    out, info = drp_run
+    assert os.path.samefile(resolve_checkpoint(str(out)), info["checkpoint"])
+    assert resolve_checkpoint(info["checkpoint"]) == info["checkpoint"]
 
 
 def _misuse_cases(run_dir, tmp):
@@ -154,7 +154,7 @@ def test_eval_wrong_kind_checkpoint_in_a_real_process(tmp_path):
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--preset", "demo", "--out", str(out), "--limit-train", "256", "--limit-test", "64",
-            "--eval-limit", "32", "--epochs", "1", "--batch-size", "64", "--attack-steps", "2", "--suite", "quick",
+            "--eval-limit", "24", "--epochs", "1", "--batch-size", "64", "--attack-steps", "2", "--suite", "quick",
             "--eps", "0.1", "0.5", "--quiet"]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -171,7 +171,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert doc["command"].startswith("drp compare --preset demo")
     for m in methods:
         entry = doc["models"][m]
-        check_eval_schema(dict(entry["eval"], n=entry["eval"]["n"]), [0.1, 0.5], 32)
+        check_eval_schema(dict(entry["eval"], n=entry["eval"]["n"]), [0.1, 0.5], 24)
         assert entry["train_time_s"] > 0
         assert len(entry["metrics"]) == 1 and entry["metrics"][0]["epoch"] in (0, 1)
         # every method trained the same budget, and the checkpoint is the one evaluated
@@ -179,7 +179,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert (cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["limit_train"], cfg["model"]) == (
             1, 64, 0, 256, "cnn")
         model = load_classifier(entry["checkpoint"])
-        assert entry["eval"]["clean_accuracy"] == pytest.approx(clean_accuracy(model, 32), abs=1e-6)
+        assert entry["eval"]["clean_accuracy"] == pytest.approx(clean_accuracy(model, 24), abs=1e-6)
     assert load_checkpoint(doc["models"]["drp-cosine"]["checkpoint"])["config"]["metric"] == "cosine"
     assert load_checkpoint(doc["models"]["pgd-at"]["checkpoint"])["config"]["method"] == "pgd-at"
 

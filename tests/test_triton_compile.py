@@ -9,7 +9,7 @@ which needs no GPU or driver. A configuration passes when it yields a cubin whos
 registers fit what Triton's loader checks at launch on that architecture.
 
 Each test uses a fresh Triton cache, so nothing is reused from an earlier run. The default test
-compiles every kernel for every metric / kind / constexpr branch and fp32, fp16 and bf16 inputs on
+(one per architecture) compiles every kernel for every metric / kind / constexpr branch and fp32, fp16 and bf16 inputs on
 one odd shape; ``DRP_AOT_FULL=1`` also runs the full matrix (aligned shapes, every flag, every fp32
 dot precision, mixed-dtype inputs) and every ``DRP_AUTOTUNE=1`` config (minutes).
 """
@@ -28,12 +28,12 @@ FULL = os.environ.get("DRP_AOT_FULL", "0").strip().lower() in ("1", "true", "yes
 full_only = pytest.mark.skipif(not FULL, reason="set DRP_AOT_FULL=1 for the full compile matrix (minutes)")
 
 
-def _run_aot(tmp_path, *args, timeout=1800):
+def _run_aot(tmp_path, *args, archs=ARCHS, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, set to silence its warning
     cmd = [sys.executable, str(HELPER), *args]
-    for arch in ARCHS:
+    for arch in archs:
         cmd += ["--arch", str(arch)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=Path(__file__).resolve().parents[1])
@@ -52,7 +52,7 @@ def _failure_report(results):
                      for r in bad)
 
 
-def _check_all_compiled(rc, head, results, summary):
+def _check_all_compiled(rc, head, results, summary, archs=ARCHS):
     assert results, "no kernel configuration was captured"
     assert not [r for r in results if not r["ok"]], "kernels that fail to compile or to fit:\n" + \
         _failure_report(results)
@@ -64,7 +64,8 @@ def _check_all_compiled(rc, head, results, summary):
     compiled = defaultdict(set)
     for r in results:
         compiled[r["arch"]].add(r["kernel"])
-    for arch in ARCHS:
+    assert set(compiled) == set(archs)
+    for arch in archs:
         for op, kernels in head["defined_kernels"].items():
             missing = {f"{op}.{k}" for k in kernels} - compiled[arch]
             assert not missing, f"sm_{arch}: never launched by the scenarios, so never compiled: {missing}"
@@ -72,9 +73,10 @@ def _check_all_compiled(rc, head, results, summary):
         assert r["cubin_bytes"] > 0 and r["ptx_lines"] > 0
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
-    rc, head, results, summary = _run_aot(tmp_path, "--quick")
-    _check_all_compiled(rc, head, results, summary)
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_every_kernel_compiles(tmp_path, arch):
+    rc, head, results, summary = _run_aot(tmp_path, "--quick", archs=(arch,))
+    _check_all_compiled(rc, head, results, summary, archs=(arch,))
     for dt in ("*fp32", "*fp16", "*bf16"):
         assert any(dt in r["config"]["dtypes"] for r in results), f"no {dt} inputs were compiled"
     spills = sorted({(r["arch"], r["kernel"], r["spill_bytes"]) for r in results if r["spill_bytes"]})
@@ -107,4 +109,4 @@ def test_harness_reports_compile_errors_and_launch_limits(tmp_path):
     for r in by_kernel["_selftest_mixed_dot_kernel"]:
         assert "CompilationError" in r["error"] and "same dtype" in r["error"]
     for r in by_kernel["_selftest_big_tile_kernel"]:
-        assert "shared memory" in r["error"] and r["shared"] > 200_000
+        assert "shared memory" in r["error"] and "OutOfResources" in r["error"]

@@ -72,7 +72,7 @@ def _add_train_parser(sub):
     a("--lr", type=float, default=_S, help="peak learning rate (default 0.05; 0.01 for drp; 0.1 on CIFAR)")
     a("--schedule", choices=SCHEDULES, default=_S, help="per-step lr schedule (default cosine)")
     a("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
-    a("--weight-decay", type=float, default=_S, help="default 5e-4")
+    a("--weight-decay", type=float, default=_S, help="default 5e-5 for drp (the paper's), 5e-4 otherwise")
     a("--eps", type=float, default=_S, help="L-inf budget of adversarial training (default 0.1, 8/255 on CIFAR)")
     a("--attack-steps", type=int, default=_S, help="PGD steps of pgd-at and trades (default 10)")
     a("--attack-alpha", type=float, default=_S, help="PGD step size (default 2.5 eps / steps; 1.25 eps for fast-at)")

@@ -77,6 +77,7 @@ PRESETS = {
         "train_eps": 0.1,
         "attack_steps": 5,
         "suite": "standard",
+        "eval_batch_size": 500,
     },
     # The quality run: full Fashion-MNIST, eps 0.1 on the first 1000 test points.
     "full": {
@@ -92,6 +93,7 @@ PRESETS = {
         "train_eps": 0.1,
         "attack_steps": 10,
         "suite": "standard",
+        "eval_batch_size": 500,
     },
 }
 
@@ -117,7 +119,7 @@ def add_compare_arguments(parser):
     a("--eps", type=float, nargs="+", default=None, metavar="E", help="eval eps list")
     a("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test points")
     a("--suite", choices=SUITES, default=None, help="attack suite (preset: standard)")
-    a("--eval-batch-size", type=int, default=None, metavar="B", help="attack batch size (default: the engine's)")
+    a("--eval-batch-size", type=int, default=None, metavar="B", help="attack batch size (preset: 500)")
     a("--seed", type=int, default=0)
     a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     a("--resume", action="store_true",
@@ -131,14 +133,13 @@ def resolve_settings(args):
     s = dict(PRESETS[args.preset])
     s["preset"] = args.preset
     for key in ("dataset", "model", "epochs", "batch_size", "lr", "limit_train", "limit_test", "eval_limit",
-                "eps", "train_eps", "attack_steps", "suite"):
+                "eps", "train_eps", "attack_steps", "suite", "eval_batch_size"):
         val = getattr(args, key, None)
         if val is not None:
             s[key] = val
     s["data_dir"] = args.data_dir
     s["methods"] = list(args.methods) if args.methods else list(DEFAULT_METHODS)
     s["seed"] = args.seed
-    s["eval_batch_size"] = args.eval_batch_size
     s["out"] = args.out if args.out is not None else f"{args.preset}_out"
 
     unknown = [m for m in s["methods"] if m not in METHODS]

@@ -69,7 +69,7 @@ class TrainConfig:
     lr: Optional[float] = None             # default: see _DEFAULT_LR
     schedule: str = "cosine"
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: Optional[float] = None   # default: 5e-5 for drp (the paper's), 5e-4 otherwise
     eps: Optional[float] = None            # default: 0.1 for (Fashion-)MNIST, 8/255 for CIFAR
     attack_steps: int = 10
     attack_alpha: Optional[float] = None   # default: 2.5 eps / steps; 1.25 eps for fast-at
@@ -121,6 +121,8 @@ class TrainConfig:
             c.attack_alpha = 1.25 * c.eps if c.method == "fast-at" else 2.5 * c.eps / c.attack_steps
         if c.augment is None:
             c.augment = cifar
+        if c.weight_decay is None:
+            c.weight_decay = 5e-5 if c.method == "drp" else 5e-4
         if c.lr is None:
             c.lr = _DEFAULT_LR[(cifar, c.method == "drp")]
         c.validate()
@@ -152,7 +154,8 @@ class TrainConfig:
         if self.lr is not None:
             _float_range("--lr", self.lr, low=0.0, low_open=True)
         _float_range("--momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        _float_range("--weight-decay", self.weight_decay, low=0.0)
+        if self.weight_decay is not None:
+            _float_range("--weight-decay", self.weight_decay, low=0.0)
         _float_range("--drp-ce-weight", self.drp_ce_weight, low=0.0)
         _float_range("--trades-beta", self.trades_beta, low=0.0)
         if self.eps is not None:
