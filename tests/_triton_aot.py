@@ -429,10 +429,12 @@ def capture(archs, ops, dtypes, autotune: bool, quick: bool = False):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
-    ap.add_argument("--op", action="append", choices=sorted({**SCENARIOS, **SELFTEST}), help="op file (repeatable; default all)")
+    ap.add_argument("--op", action="append", choices=sorted({**SCENARIOS, **SELFTEST}),
+                    help="op file (repeatable; default all)")
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="input dtype (repeatable; default all)")
     ap.add_argument("--autotune", action="store_true", help="compile every DRP_AUTOTUNE=1 config instead")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes (default: all cores)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="parallel compile processes (default: all cores)")
     ap.add_argument("--quick", action="store_true",
                     help="one odd shape, all flags on, default dot precision, no mixed dtypes")
     ap.add_argument("--kernel", help="only compile kernels whose name contains this")

@@ -9,9 +9,10 @@ which needs no GPU or driver. A configuration passes when it yields a cubin whos
 registers fit what Triton's loader checks at launch on that architecture.
 
 Each test uses a fresh Triton cache, so nothing is reused from an earlier run. The default test
-(one per architecture) compiles every kernel for every metric / kind / constexpr branch and fp32, fp16 and bf16 inputs on
-one odd shape; ``DRP_AOT_FULL=1`` also runs the full matrix (aligned shapes, every flag, every fp32
-dot precision, mixed-dtype inputs) and every ``DRP_AUTOTUNE=1`` config (minutes).
+(one per architecture) compiles every kernel for every metric / kind / constexpr branch and
+fp32, fp16 and bf16 inputs on one odd shape; ``DRP_AOT_FULL=1`` also runs the full matrix
+(aligned shapes, every flag, every fp32 dot precision, mixed-dtype inputs) and every
+``DRP_AUTOTUNE=1`` config (tens of minutes on 2 cores).
 """
 import json
 import os

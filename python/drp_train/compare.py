@@ -170,6 +170,18 @@ def _prepare_out(out):
         raise _cli_error(f"--out: folder {out!r} is not writable")
 
 
+def _check_run_dirs(settings):
+    """Refuse, before any training, run folders that already hold a run (unless --resume)."""
+    if settings["resume"]:
+        return
+    for name in settings["methods"]:
+        run_dir = os.path.join(settings["out"], name)
+        for ckpt in ("final.pt", "last.pt"):
+            if os.path.exists(os.path.join(run_dir, ckpt)):
+                raise _cli_error(f"--out: {run_dir} already holds a run ({ckpt}); pass --resume to reuse or "
+                                 "continue it, or choose another --out")
+
+
 def _train_config(settings, name, device):
     from .config import TrainConfig
 
@@ -302,12 +314,16 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
     out += ["## Flags", ""]
     any_flag = False
     for r in rows:
+        for flag in r["eval"].get("flags", []):
+            any_flag = True
+            out.append(f"- {r['name']}: {flag}")
         for res in r["eval"]["results"]:
             for flag in res["flags"]:
                 any_flag = True
                 out.append(f"- {r['name']}, eps {res['eps']:g}: {flag}")
     if not any_flag:
-        out.append("No check of the evaluation raised a flag.")
+        out.append("No check of the evaluation raised a flag (model sanity, chance at large eps, accuracy "
+                   "monotone in eps, single-step vs iterative, black-box vs white-box, more iterations).")
     out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
     return "\n".join(out)
 
@@ -332,6 +348,7 @@ def run_compare(args):
     settings["resume"] = bool(getattr(args, "resume", False))
     device = pick_device(args.device)
     out = settings["out"]
+    _check_run_dirs(settings)
     _prepare_out(out)
     progress = not args.quiet
     command = command_line(args)
@@ -394,6 +411,9 @@ def run_compare(args):
                            environment=env)
     _write_text_atomic(report, os.path.join(out, "report.md"))
     print(format_table(rows, settings["eps"]))
+    n_flags = sum(len(r["eval"].get("flags", [])) + sum(len(x["flags"]) for x in r["eval"]["results"]) for r in rows)
+    if n_flags:
+        print(f"{n_flags} evaluation flag(s) raised: see the Flags section of report.md")
     print(f"total {_fmt_time(total)}; wrote {', '.join(files)} to {out}")
     return 0
 
