@@ -199,6 +199,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     (["--eps", "-0.2"], "--eps"),
     (["--epochs", "0"], "--epochs"),
     (["--eval-limit", "0"], "--eval-limit"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_compare_misuse_is_one_line_exit_2(tmp_path, capsys, extra, needle):
     out = tmp_path / "cmp"
@@ -206,3 +207,14 @@ def test_compare_misuse_is_one_line_exit_2(tmp_path, capsys, extra, needle):
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
     assert not out.exists() or not os.listdir(out)
+
+
+def test_compare_refuses_an_used_out_before_training(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "drp-linf").mkdir(parents=True)
+    (out / "drp-linf" / "final.pt").write_bytes(b"")
+    code, _, err = run_cli(["compare", "--preset", "demo", "--out", str(out), "--quiet"], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err and "drp-linf" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["drp-linf"]
+    assert not (out / "ce").exists()

@@ -67,13 +67,13 @@ PRESETS = {
     "demo": {
         "dataset": "fashion-mnist",
         "model": "cnn",
-        "epochs": 3,
+        "epochs": 4,
         "batch_size": 128,
         "lr": None,
-        "limit_train": 10000,
+        "limit_train": 20000,
         "limit_test": 1000,
         "eval_limit": 500,
-        "eps": [0.05, 0.1, 0.2, 0.3],
+        "eps": [0.1, 0.2, 0.3],
         "train_eps": 0.1,
         "attack_steps": 5,
         "suite": "standard",
@@ -91,7 +91,7 @@ PRESETS = {
         "eval_limit": 1000,
         "eps": [0.1, 0.3],
         "train_eps": 0.1,
-        "attack_steps": 10,
+        "attack_steps": 7,
         "suite": "standard",
         "eval_batch_size": 500,
     },
@@ -112,6 +112,7 @@ def add_compare_arguments(parser):
     a("--epochs", type=int, default=None)
     a("--batch-size", type=int, default=None)
     a("--lr", type=float, default=None, help="learning rate for every method (default: drp train's)")
+    a("--weight-decay", type=float, default=None, help="weight decay for every method (default: drp train's)")
     a("--train-eps", type=float, default=None, help="L-inf eps of adversarial training (preset: 0.1)")
     a("--attack-steps", type=int, default=None, help="PGD steps of adversarial training")
     a("--limit-train", type=int, default=None, metavar="N", help="train on the first N training points")
@@ -138,6 +139,7 @@ def resolve_settings(args):
         if val is not None:
             s[key] = val
     s["data_dir"] = args.data_dir
+    s["weight_decay"] = getattr(args, "weight_decay", None)
     s["methods"] = list(args.methods) if args.methods else list(DEFAULT_METHODS)
     s["seed"] = args.seed
     s["out"] = args.out if args.out is not None else f"{args.preset}_out"
@@ -192,6 +194,7 @@ def _train_config(settings, name, device):
         "epochs": settings["epochs"],
         "batch_size": settings["batch_size"],
         "lr": settings["lr"],
+        "weight_decay": settings["weight_decay"],
         "eps": settings["train_eps"],
         "attack_steps": settings["attack_steps"],
         "seed": settings["seed"],
@@ -276,6 +279,17 @@ def format_table(rows, eps_list, *, markdown=False):
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
 
+def _final_line(final, train_time_s):
+    parts = [f"trained in {_fmt_time(train_time_s)}"]
+    for key, label in (("epoch", "epochs"), ("test_accuracy", "test accuracy"), ("train_accuracy", "train accuracy"),
+                       ("train_loss", "train loss")):
+        v = final.get(key)
+        if v is None:
+            continue
+        parts.append(f"{label} {_pct(v)}" if "accuracy" in key else f"{label} {v:.4g}")
+    return "Training: " + ", ".join(parts) + "."
+
+
 def format_report(*, rows, settings, command, total_time_s, files, environment):
     """The Markdown report: table, command line, settings, per-attack numbers and flags."""
     eps_list = settings["eps"]
@@ -305,7 +319,7 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
     for r in rows:
         out.append(f"### {r['name']}")
         out.append("")
-        out.append(f"final epoch: {json.dumps(r.get('final', {}), sort_keys=True)}")
+        out.append(_final_line(r.get("final", {}), r["train_time_s"]))
         out.append("")
         for res in r["eval"]["results"]:
             per = ", ".join(f"{k} {_pct(v)}" for k, v in res["per_attack"].items()) or "-"
@@ -348,6 +362,10 @@ def run_compare(args):
     settings["resume"] = bool(getattr(args, "resume", False))
     device = pick_device(args.device)
     out = settings["out"]
+    if settings["seed"] < 0:
+        raise _cli_error(f"--seed: expected an integer >= 0, got {settings['seed']}")
+    # Every run's options are checked before anything is created or trained.
+    configs = {name: _train_config(settings, name, device) for name in settings["methods"]}
     _check_run_dirs(settings)
     _prepare_out(out)
     progress = not args.quiet
@@ -362,7 +380,7 @@ def run_compare(args):
     t_start = time.perf_counter()
     rows, files = [], []
     for name in settings["methods"]:
-        cfg = _train_config(settings, name, device)
+        cfg = configs[name]
         if progress:
             print(f"[compare] training {name} -> {cfg.out}", file=sys.stderr, flush=True)
         info = train(cfg, progress=progress)
@@ -421,8 +439,8 @@ def run_compare(args):
 def command_line(args):
     """The `drp compare` command line equivalent to `args` (explicitly set options only)."""
     parts = ["drp", "compare", "--preset", args.preset]
-    for dest in ("dataset", "data_dir", "out", "methods", "model", "epochs", "batch_size", "lr", "train_eps",
-                 "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite", "eval_batch_size",
+    for dest in ("dataset", "data_dir", "out", "methods", "model", "epochs", "batch_size", "lr", "weight_decay",
+                 "train_eps", "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite", "eval_batch_size",
                  "seed", "device"):
         val = getattr(args, dest, None)
         if val is None or (dest == "seed" and val == 0):

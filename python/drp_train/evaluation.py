@@ -207,6 +207,8 @@ def run_eval(args):
         raise _cli_error(f"--limit: expected a number of test points >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         raise _cli_error(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise _cli_error(f"--seed: expected an integer >= 0, got {args.seed}")
     _check_output_path(args.json, "--json")
     if args.plot is not None:
         _check_output_path(args.plot, "--plot")

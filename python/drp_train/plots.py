@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 __all__ = ["plot_accuracy_vs_eps", "plot_training_curves", "plot_projection", "pca_2d", "save_figure"]
@@ -104,6 +105,8 @@ def plot_training_curves(metrics, path, *, title="Training curves"):
         if losses:
             all_pos = all_pos and all(v > 0 and math.isfinite(v) for _, v in losses)
             ax_loss.plot([e for e, _ in losses], [v for _, v in losses], marker="o", color=color, label=name)
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("accuracy (solid: test, dashed: train)")
