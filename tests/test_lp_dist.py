@@ -1,0 +1,486 @@
+"""lp_dist and LpDist: the C++ CPU kernels (every SIMD copy) and the Triton kernels (under
+TRITON_INTERPRET=1 without a GPU) against drp_kernels.reference, plus gradcheck, opcheck,
+torch.compile, large-p stability, bad input and the layer."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import drp_kernels
+from _helpers import assert_verbose_allclose
+from drp_kernels import LpDist, lp_dist, reference
+
+INF = math.inf
+PS = [1.0, 2.0, 3.5, 8.0, 1000.0, INF]
+SHAPES = [(37, 53, 129), (1, 5, 3)]
+# CCE's accuracy rule: error vs the fp64 ground truth <= same-dtype reference error + tol * scale
+DTYPE_TOL = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+ISAS = ["avx512", "avx2", "generic"]
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    def use(name):
+        if name == "cpp":
+            monkeypatch.delenv("DRP_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("DRP_BACKEND", name)
+    return use
+
+
+def _inputs(b, n, d, *, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g)
+    w = torch.randn(n, d, generator=g)
+    return x.to(dtype), w.to(dtype)
+
+
+def _upstream(b, n, dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, n, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _run(fn, x, w, p):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    out = fn(x, w, p)
+    gx, gw = torch.autograd.grad(out, (x, w), _upstream(*out.shape, out.dtype))
+    return out.detach(), gx, gw
+
+
+def _naive(x, w, p):
+    """The textbook formula in fp64, no scaling (fine for moderate p)."""
+    d = (x.double()[:, None, :] - w.double()[None, :, :]).abs()
+    return d.amax(-1) if p == INF else (d ** p).sum(-1) ** (1.0 / p)
+
+
+def _check_rule(names, kernel, ref, truth, tol):
+    for name, k, r, t in zip(names, kernel, ref, truth):
+        assert k.dtype == r.dtype and k.shape == r.shape, (name, k.dtype, r.dtype, k.shape, r.shape)
+        scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+        err_k = (k.double() - t).abs().max().item() if t.numel() else 0.0
+        err_r = (r.double() - t).abs().max().item() if t.numel() else 0.0
+        assert torch.isfinite(k).all(), name
+        assert err_k <= err_r + tol * scale, f"{name}: kernel error {err_k:.3e} > reference error {err_r:.3e} + {tol}"
+
+
+def _ref(x, w, p):
+    return reference.lp_dist(x, w, p)
+
+
+def _api(x, w, p):
+    return lp_dist(x, w, p=p)
+
+
+# ------------------------------------------------------------------------ reference itself
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, 8.0, INF])
+def test_reference_is_the_textbook_formula(p):
+    x, w = _inputs(7, 9, 11, dtype=torch.float64)
+    assert_verbose_allclose(reference.lp_dist(x, w, p), _naive(x, w, p), atol=1e-12, rtol=1e-12, name="reference")
+
+
+def test_reference_matches_cdist():
+    x, w = _inputs(6, 8, 10, dtype=torch.float64)
+    for p in (1.0, 2.0, 3.5, INF):
+        assert_verbose_allclose(reference.lp_dist(x, w, p), torch.cdist(x, w, p=p), atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ C++ kernels (CPU)
+@pytest.mark.parametrize("b,n,d", SHAPES)
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+def test_cpu_matches_reference(b, n, d, p, dtype, tol, backend):
+    backend("cpp")
+    x, w = _inputs(b, n, d)
+    truth = _run(_ref, x.to(dtype).double(), w.to(dtype).double(), p)
+    ref = _run(_ref, x.to(dtype), w.to(dtype), p)
+    ker = _run(_api, x.to(dtype), w.to(dtype), p)
+    _check_rule(("out", "grad_x", "grad_w"), ker, ref, truth, tol)
+
+
+@pytest.mark.parametrize("b,n,d", SHAPES)
+@pytest.mark.parametrize("p", PS)
+def test_cpu_float64(b, n, d, p, backend):
+    backend("cpp")
+    x, w = _inputs(b, n, d, dtype=torch.float64)
+    ker = _run(_api, x, w, p)
+    ref = _run(_ref, x, w, p)
+    for name, k, r in zip(("out", "grad_x", "grad_w"), ker, ref):
+        assert k.dtype == torch.float64
+        assert_verbose_allclose(k, r, atol=1e-11, rtol=1e-10, name=name)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", PS + [3.0, 12.7, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_simd_copy(isa, p, dtype, backend, monkeypatch):
+    """Each SIMD copy of the micro-kernels (the CPU falls back to a narrower one it supports)."""
+    backend("cpp")
+    monkeypatch.setenv("DRP_CPU_ISA", isa)
+    x, w = _inputs(13, 70, 45, seed=3)
+    truth = _run(_ref, x.double(), w.double(), p)
+    ref = _run(_ref, x.to(dtype), w.to(dtype), p)
+    ker = _run(_api, x.to(dtype), w.to(dtype), p)
+    _check_rule(("out", "grad_x", "grad_w"), ker, ref, truth, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_bad_isa_is_a_value_error(backend, monkeypatch):
+    backend("cpp")
+    monkeypatch.setenv("DRP_CPU_ISA", "sse9")
+    x, w = _inputs(3, 4, 5)
+    with pytest.raises(ValueError, match="DRP_CPU_ISA"):
+        lp_dist(x, w, p=2.0)
+
+
+def test_cpu_strided_and_mixed_dtypes(backend):
+    backend("cpp")
+    x, w = _inputs(20, 30, 40)
+    xt = x.t().contiguous().t()  # column-major view
+    ws = torch.cat([w, w], dim=1)[:, ::2]  # non-unit inner stride
+    for p in (2.0, 8.0, INF):
+        assert_verbose_allclose(lp_dist(xt, ws, p=p), reference.lp_dist(x, ws.contiguous(), p),
+                                atol=1e-5, rtol=1e-5, name=f"strided p={p}")
+    out = lp_dist(x.half(), w, p=8.0)
+    assert out.dtype == torch.float32
+    assert_verbose_allclose(out, reference.lp_dist(x.half(), w, 8.0), atol=1e-5, rtol=1e-5)
+    out64 = lp_dist(x, w.double(), p=8.0)
+    assert out64.dtype == torch.float64
+
+
+def test_cpu_multithreaded_matches_single_thread(backend):
+    """Big enough to split over threads (grad_w partial buffers, forward tiles)."""
+    backend("cpp")
+    x, w = _inputs(130, 150, 97, seed=5)
+    old = torch.get_num_threads()
+    try:
+        res = {}
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            res[t] = {p: _run(_api, x, w, p) for p in (3.0, INF)}
+    finally:
+        torch.set_num_threads(old)
+    for p in (3.0, INF):
+        for a, b_ in zip(res[1][p], res[2][p]):
+            assert_verbose_allclose(a, b_, atol=1e-5, rtol=1e-5, name=f"threads p={p}")
+        truth = _run(_ref, x.double(), w.double(), p)
+        _check_rule(("out", "grad_x", "grad_w"), res[2][p], _run(_ref, x, w, p), truth, 1e-5)
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+@pytest.mark.parametrize("b,n,d", [(37, 53, 70), (1, 5, 3)])
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOL)
+def test_triton_matches_reference(b, n, d, p, dtype, tol, backend):
+    backend("triton")
+    x, w = _inputs(b, n, d, seed=2)
+    truth = _run(_ref, x.to(dtype).double(), w.to(dtype).double(), p)
+    ref = _run(_ref, x.to(dtype), w.to(dtype), p)
+    ker = _run(_api, x.to(dtype), w.to(dtype), p)
+    _check_rule(("out", "grad_x", "grad_w"), ker, ref, truth, tol)
+
+
+def test_triton_only_x_or_only_w_needs_grad(backend):
+    backend("triton")
+    x, w = _inputs(9, 11, 13)
+    for p in (3.5, INF):
+        ref = _run(_ref, x, w, p)
+        xr = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(lp_dist(xr, w, p=p), xr, _upstream(9, 11, torch.float32))
+        assert_verbose_allclose(gx, ref[1], atol=1e-5, rtol=1e-5, name="grad_x")
+        wr = w.clone().requires_grad_(True)
+        (gw,) = torch.autograd.grad(lp_dist(x, wr, p=p), wr, _upstream(9, 11, torch.float32))
+        assert_verbose_allclose(gw, ref[2], atol=1e-5, rtol=1e-5, name="grad_w")
+
+
+# ----------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, 8.0, 1000.0])
+def test_gradcheck_float64(p, backend):
+    backend("cpp")
+    x, w = _inputs(4, 5, 6, seed=7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: lp_dist(a, b, p=p), (x.requires_grad_(), w.requires_grad_()))
+
+
+def test_gradcheck_float64_inf_away_from_ties(backend):
+    backend("cpp")
+    # distinct |d| with a clear gap at the arg-max: x in steps of 1, w near 0
+    x = (torch.randperm(24, generator=torch.Generator().manual_seed(0)).double().reshape(4, 6) - 11.5) / 3
+    w = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.01
+    assert torch.autograd.gradcheck(lambda a, b: lp_dist(a, b, p=INF), (x.requires_grad_(), w.requires_grad_()))
+
+
+def test_inf_gradient_is_at_the_first_argmax(backend):
+    x = torch.tensor([[1.0, -3.0, 3.0, 2.0]])
+    w = torch.zeros(1, 4)
+    for name in ("cpp", "triton"):
+        backend(name)
+        xr = x.clone().requires_grad_(True)
+        wr = w.clone().requires_grad_(True)
+        out = lp_dist(xr, wr, p=INF)
+        assert out.item() == 3.0
+        gx, gw = torch.autograd.grad(out.sum(), (xr, wr))
+        assert gx.tolist() == [[0.0, -1.0, 0.0, 0.0]], name
+        assert gw.tolist() == [[0.0, 1.0, 0.0, 0.0]], name
+
+
+# ---------------------------------------------------------------- stability, zeros
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1.0])
+def test_p1000_neither_overflows_nor_underflows(name, scale, backend):
+    backend(name)
+    x, w = _inputs(5, 6, 33, seed=4)
+    x, w = x * scale, w * scale
+    truth = _run(_ref, x.double(), w.double(), 1000.0)
+    ker = _run(_api, x, w, 1000.0)
+    for nm, k, t in zip(("out", "grad_x", "grad_w"), ker, truth):
+        assert torch.isfinite(k).all(), nm
+        tol = scale if nm == "out" else 1.0
+        assert_verbose_allclose(k, t, atol=2e-3 * tol, rtol=2e-3, name=nm)
+    # exact scaling: out(scale * x) == scale * out(x) up to rounding
+    base = lp_dist(x / scale, w / scale, p=1000.0)
+    assert_verbose_allclose(ker[0] / scale, base, atol=0, rtol=1e-5, name="homogeneity")
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+@pytest.mark.parametrize("p", PS)
+def test_zero_distance_has_zero_gradient(name, p, backend):
+    backend(name)
+    x, w = _inputs(3, 4, 7)
+    w[2] = x[1]
+    xr = x.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    out = lp_dist(xr, wr, p=p)
+    assert out[1, 2].item() == 0.0
+    up = torch.zeros_like(out)
+    up[1, 2] = 1.0
+    gx, gw = torch.autograd.grad(out, (xr, wr), up)
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_nan_propagates(name, backend):
+    backend(name)
+    x, w = _inputs(3, 4, 5)
+    x[1, 2] = math.nan
+    for p in (2.0, INF):
+        out = lp_dist(x, w, p=p)
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton", "reference"])
+def test_empty_shapes(name, backend):
+    backend(name)
+    assert lp_dist(torch.zeros(0, 3), torch.zeros(4, 3), p=2.0).shape == (0, 4)
+    assert lp_dist(torch.zeros(2, 3), torch.zeros(0, 3), p=INF).shape == (2, 0)
+    out = lp_dist(torch.zeros(2, 0), torch.zeros(3, 0), p=8.0)
+    assert out.shape == (2, 3) and torch.equal(out, torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------ opcheck, torch.compile
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("p", [1.0, 3.5, INF])
+def test_opcheck(use_triton, p):
+    x, w = _inputs(5, 6, 7)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(torch.ops.drp.lp_dist.default, (x, w, p, use_triton))
+
+
+def test_opcheck_cpp_ops():
+    x, w = _inputs(5, 6, 7)
+    for p in (2.0, INF):
+        out, idx = torch.ops.drp.lp_dist_cpu_forward(x, w, p)
+        torch.library.opcheck(torch.ops.drp.lp_dist_cpu_forward.default, (x, w, p))
+        torch.library.opcheck(torch.ops.drp.lp_dist_cpu_backward.default,
+                              (torch.ones_like(out), x, w, out, idx, p, True, True))
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_torch_compile_fullgraph(name, backend):
+    backend(name)
+    x, w = _inputs(6, 7, 9)
+    layer = LpDist(9, 7, p=8.0, bias=True)
+
+    def f(a, b):
+        return lp_dist(a, b, p=INF).sum() + layer(a).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xr = x.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    got = compiled(xr, wr)
+    g_got = torch.autograd.grad(got, (xr, wr, layer.weight))
+    xe = x.clone().requires_grad_(True)
+    we = w.clone().requires_grad_(True)
+    layer.running_mean.zero_()
+    want = f(xe, we)
+    g_want = torch.autograd.grad(want, (xe, we, layer.weight))
+    assert_verbose_allclose(got, want, atol=1e-4, rtol=1e-5, name="value")
+    for a, b_ in zip(g_got, g_want):
+        assert_verbose_allclose(a, b_, atol=1e-4, rtol=1e-5, name="grad")
+
+
+# ------------------------------------------------------------------------ bad input
+BAD = [
+    (lambda: lp_dist([[1.0]], torch.zeros(1, 1), p=2.0), TypeError, "x must be a torch.Tensor"),
+    (lambda: lp_dist(torch.zeros(1, 1), None, p=2.0), TypeError, "w must be a torch.Tensor"),
+    (lambda: lp_dist(torch.zeros(1, 1), torch.zeros(1, 1), p="2"), TypeError, "p must be a float"),
+    (lambda: lp_dist(torch.zeros(1, 1), torch.zeros(1, 1), p=True), TypeError, "p must be a float"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 5), p=2.0), ValueError, "x has D=3 but w has D=5"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 3), p=0.5), ValueError, r"p must be a float in \[1, inf\]"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 3), p=-INF), ValueError, r"p must be a float in \[1, inf\]"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 3), p=math.nan), ValueError, r"p must be a float in \[1, inf\]"),
+    (lambda: lp_dist(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3), p=2.0), ValueError, "x must be float32"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.bool), p=2.0), ValueError, "w must be float32"),
+    (lambda: lp_dist(torch.zeros(3), torch.zeros(4, 3), p=2.0), ValueError, r"x must be 2-D \(B, D\)"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(1, 4, 3), p=2.0), ValueError, r"w must be 2-D \(N, D\)"),
+    (lambda: lp_dist(torch.zeros(2, 3), torch.zeros(4, 3, device="meta"), p=2.0), ValueError,
+     "w must be on x's device"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+@pytest.mark.parametrize("name", ["cpp", "triton", "reference"])
+def test_bad_input_errors_name_the_argument(case, name, backend):
+    backend(name)
+    fn, exc, msg = BAD[case]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+def test_cpp_op_validates_too():
+    with pytest.raises(ValueError, match="feature dimensions"):
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 5), 2.0)
+    with pytest.raises(ValueError, match="p must be"):
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 3), 0.5)
+    with pytest.raises(ValueError, match="x must be float32"):
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3), 2.0)
+
+
+# ------------------------------------------------------------------------- LpDist
+def test_layer_mean_shift_train_and_eval():
+    torch.manual_seed(0)
+    layer = LpDist(6, 5, p=8.0)
+    x = torch.randn(32, 6)
+    raw = lp_dist(x, layer.weight, p=8.0).detach()
+    y = layer(x)
+    assert_verbose_allclose(y, raw - raw.mean(0), atol=1e-5, rtol=1e-6, name="train")
+    assert_verbose_allclose(layer.running_mean, 0.1 * raw.mean(0), atol=1e-6, rtol=1e-6, name="running")
+    layer(x)
+    expected_running = 0.9 * 0.1 * raw.mean(0) + 0.1 * raw.mean(0)
+    assert_verbose_allclose(layer.running_mean, expected_running, atol=1e-5, rtol=1e-6, name="running2")
+    layer.eval()
+    running = layer.running_mean.clone()
+    y = layer(x)
+    assert_verbose_allclose(y, raw - running, atol=1e-5, rtol=1e-6, name="eval")
+    assert torch.equal(layer.running_mean, running)  # eval does not update
+
+
+def test_layer_without_mean_shift_and_with_bias():
+    layer = LpDist(4, 3, p=INF, mean_shift=False, bias=True)
+    assert layer.running_mean is None
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    x = torch.randn(7, 4)
+    assert_verbose_allclose(layer(x), lp_dist(x, layer.weight, p=INF) + layer.bias, name="bias")
+
+
+def test_layer_identity_init():
+    torch.manual_seed(1)
+    layer = LpDist(5, 12, p=INF, mean_shift=False)
+    n = torch.arange(12)
+    assert torch.equal(layer.weight[n, n % 5], torch.full((12,), -10.0))
+    x = torch.rand(9, 5)  # inputs in [0, 1]: coordinate n mod 5 dominates the distance
+    assert_verbose_allclose(layer(x), x[:, n % 5] + 10.0, atol=1e-5, rtol=0, name="identity")
+    plain = LpDist(5, 12, identity_val=None)
+    assert (plain.weight.abs() < 10).all()
+
+
+def test_layer_p_is_mutable_and_validated():
+    layer = LpDist(3, 2)
+    assert layer.p == 8.0
+    layer.p = INF
+    x = torch.randn(4, 3)
+    layer.eval()
+    assert_verbose_allclose(layer(x), lp_dist(x, layer.weight, p=INF), name="p=inf")
+    layer.p = 16
+    assert layer.p == 16.0
+    with pytest.raises(ValueError, match="p must be"):
+        layer.p = 0.5
+    with pytest.raises(TypeError, match="p must be"):
+        layer.p = "inf"
+    assert layer.p == 16.0
+    assert "p=16.0" in repr(layer) and "mean_shift=True" in repr(layer) and "in_features=3" in repr(layer)
+
+
+def test_layer_bad_arguments():
+    with pytest.raises(ValueError, match="in_features"):
+        LpDist(0, 3)
+    with pytest.raises(TypeError, match="out_features"):
+        LpDist(3, 2.0)
+    with pytest.raises(ValueError, match="p must be"):
+        LpDist(3, 2, p=0.0)
+    with pytest.raises(ValueError, match="identity_val"):
+        LpDist(3, 2, identity_val=-1.0)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 3\)"):
+        LpDist(3, 2)(torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("mean_shift,bias", [(True, True), (False, False), (True, False)])
+def test_layer_stack_is_1_lipschitz_in_linf_at_p_inf(mean_shift, bias):
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(*[LpDist(d_in, d_out, p=INF, mean_shift=mean_shift, bias=bias)
+                                for d_in, d_out in ((10, 16), (16, 16), (16, 4))]).double()
+    net.train()
+    net(torch.rand(64, 10, dtype=torch.float64))  # non-trivial running means
+    if bias:
+        for m in net:
+            torch.nn.init.normal_(m.bias)
+    net.eval()
+    x = torch.rand(256, 10, dtype=torch.float64)
+    eps = torch.rand(256, 1, dtype=torch.float64) * 0.3
+    x2 = x + (torch.rand_like(x) * 2 - 1) * eps
+    with torch.no_grad():
+        lhs = (net(x) - net(x2)).abs().amax(dim=1)
+    rhs = (x - x2).abs().amax(dim=1)
+    assert (lhs <= rhs * (1 + 1e-12) + 1e-12).all()
+    assert (lhs > 0.5 * rhs).any()  # not vacuous: the bound is nearly tight somewhere
+
+
+# ---------------------------------------------------------- proto_logits routing
+@pytest.mark.parametrize("metric,p", [("linf", INF), ("l2", 2.0)])
+def test_proto_logits_routes_through_lp_dist(metric, p, backend):
+    backend("cpp")
+    z, protos = _inputs(11, 4, 6)
+    assert_verbose_allclose(drp_kernels.proto_logits(z, protos, metric=metric), -lp_dist(z, protos, p=p),
+                            atol=0, rtol=0, name="logits")
+    assert_verbose_allclose(drp_kernels.proto_logits(z, protos, metric=metric),
+                            reference.proto_logits(z, protos, metric=metric), atol=1e-5, rtol=1e-5, name="ref")
+    assert drp_kernels.proto_logits(z.half(), protos.half(), metric=metric).dtype == torch.float32
+    assert drp_kernels.proto_logits(z.double(), protos.double(), metric=metric).dtype == torch.float64
+
+
+# ------------------------------------------------------------ AOT compile for sm_90
+AOT_HELPER = Path(__file__).with_name("_triton_aot.py")
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, str(AOT_HELPER), "--quick", "--op", "lp_dist", "--arch", "90"],
+                          env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=Path(__file__).resolve().parents[1])
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines and "capture_error" not in lines[0], proc.stderr[-3000:]
+    results = [r for r in lines if "ok" in r]
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, "\n".join(f"{r['kernel']} {r['config']}: {r['error']}" for r in bad)
+    compiled = {r["kernel"] for r in results}
+    wanted = {f"lp_dist.{k}" for k in lines[0]["defined_kernels"]["lp_dist"]}
+    assert wanted <= compiled, f"never compiled: {wanted - compiled}"
+    assert all(r["cubin_bytes"] > 0 for r in results)
