@@ -1,4 +1,4 @@
-"""Benchmarks of the all-pairs repulsion energy (issue 4).
+"""Benchmarks of the all-pairs repulsion energy.
 
 Providers (grouped per metric + kind + shape + mode):
   drp       drp_kernels.repulsion_energy on the fused Triton kernels (memory O(C*D)); on a CPU-only
@@ -15,6 +15,8 @@ memory O(C*D) (the reference cannot fit: eager/compiled are skipped); linf fwd+b
 at least 20x ``pdist`` where it fits. Providers whose memory would not fit are skipped; the peak
 memory of each provider that runs is in ``extra_info["peak_memory_bytes"]``.
 A separate group times prototype generation C=100, D=500 (the "under a minute" figure).
+The cosine cases run with ``torch.set_float32_matmul_precision("high")``: the kernel's fp32 dots then
+use TF32, and so does the ``matmul`` yardstick it is compared with.
 """
 import math
 import os
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 import drp_kernels
 from drp_kernels import reference
+from _bench import compiled
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -39,8 +42,11 @@ CASES = [
     ("linf", "softmin", (20_000, 512), (256, 64), ["drp", "eager", "compiled", "pdist"]),
     ("l2", "softmin", (8192, 256), (256, 64), ["drp", "eager", "compiled"]),
 ]
+# DRP_BENCH_TARGETS=1 (make gpu-check): only the two target cases, and the yardsticks they name
+TARGETS_ONLY = os.environ.get("DRP_BENCH_TARGETS", "0") == "1"
+TARGET_CASES = {("cosine", "softmin", (100_000, 512)): ("drp", "matmul"),
+                ("linf", "sum", (20_000, 512)): ("drp", "pdist")}
 CPU_DRP_SHAPE = (64, 32)  # the Triton interpreter is slow: a tiny shape only
-_COMPILED = {}
 
 
 def setup_repulsion(c, d, *, dtype=torch.float32, device=DEVICE, seed=0):
@@ -79,17 +85,15 @@ def _matmul_pair(p, chunk):
     return out
 
 
-def _energy_fn(metric, kind, provider, p):
+def _energy_fn(metric, kind, provider, p, mode):
     kw = dict(metric=metric, kind=kind, temperature=TEMPERATURE)
     if provider == "drp":
         return lambda: drp_kernels.repulsion_energy(p, **kw)
     if provider == "eager":
         return lambda: reference.repulsion_energy(p, **kw)
     if provider == "compiled":
-        key = (metric, kind)
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(lambda q: reference.repulsion_energy(q, **kw))
-        f = _COMPILED[key]
+        f = compiled(("repulsion", metric, kind, tuple(p.shape), mode),
+                     lambda: lambda q: reference.repulsion_energy(q, **kw))
         return lambda: f(p)
     if provider == "pdist":
         return lambda: _pdist_energy(p, kind)
@@ -102,6 +106,8 @@ def _params():
         shape = cuda_shape if ON_CUDA else cpu_shape
         if shape is None:
             continue
+        if TARGETS_ONLY:
+            providers = TARGET_CASES.get((metric, kind, cuda_shape), ())
         for provider in providers:
             if provider == "drp" and not ON_CUDA:
                 shape = CPU_DRP_SHAPE  # the Triton interpreter is slow: a tiny shape only
@@ -115,10 +121,22 @@ def _params():
     return out
 
 
+@pytest.fixture
+def matmul_precision():
+    """Set torch's float32 matmul precision for one benchmark; restored afterwards."""
+    old = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(old)
+
+
 @pytest.mark.parametrize("metric,kind,shape,provider,mode", _params())
-def test_repulsion(benchmark, timed, monkeypatch, metric, kind, shape, provider, mode):
+def test_repulsion(benchmark, timed, monkeypatch, matmul_precision, metric, kind, shape, provider, mode):
     c, d = shape
     info = {}
+    if metric == "cosine":
+        # TF32 for the kernel's fp32 dots and for the matmul yardstick alike
+        matmul_precision("high")
+        info["float32_matmul_precision"] = "high"
     if provider == "drp" and not ON_CUDA:
         monkeypatch.setenv("DRP_BACKEND", "triton")  # interpreter (TRITON_INTERPRET set by conftest)
         info["backend"] = "triton-interpreter"
@@ -138,7 +156,7 @@ def test_repulsion(benchmark, timed, monkeypatch, metric, kind, shape, provider,
         fn = lambda: _matmul_pair(n, chunk)  # noqa: E731
         flops = 4 * c * c * d
     else:
-        energy = _energy_fn(metric, kind, provider, p)
+        energy = _energy_fn(metric, kind, provider, p, mode)
         if mode == "fwd":
             def fn():
                 with torch.no_grad():

@@ -143,4 +143,19 @@ DRP_HD T round_up_to(double v) {
   return t;
 }
 
+// Step budget of a batch: scalar eps / alpha, or per-sample values when the pointers are set;
+// samples whose ``active`` flag is false are left untouched. [lower, upper] is the valid range,
+// already rounded inward to the compute type A.
+template <typename A>
+struct Budget {
+  A eps, alpha;
+  const A* eps_ps;
+  const A* alpha_ps;
+  const bool* active;
+  A lower, upper;
+  DRP_HD A e(int64_t b) const { return eps_ps ? eps_ps[b] : eps; }
+  DRP_HD A a(int64_t b) const { return alpha_ps ? alpha_ps[b] : alpha; }
+  DRP_HD bool on(int64_t b) const { return active ? active[b] : true; }
+};
+
 }  // namespace drp

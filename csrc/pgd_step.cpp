@@ -71,18 +71,6 @@ template <> struct Store<c10::BFloat16> {
   }
 };
 
-template <typename A>
-struct Budget {
-  A eps, alpha;
-  const A* eps_ps;
-  const A* alpha_ps;
-  const bool* active;
-  A lower, upper;
-  A e(int64_t b) const { return eps_ps ? eps_ps[b] : eps; }
-  A a(int64_t b) const { return alpha_ps ? alpha_ps[b] : alpha; }
-  bool on(int64_t b) const { return active ? active[b] : true; }
-};
-
 // --------------------------------------------------------------- CPU kernels
 constexpr int64_t kGrain = 32768;
 

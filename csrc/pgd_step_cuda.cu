@@ -71,18 +71,6 @@ struct alignas(sizeof(S) * VEC) Pack {
 };
 
 template <typename A>
-struct Budget {
-  A eps, alpha;
-  const A* eps_ps;
-  const A* alpha_ps;
-  const bool* active;
-  A lower, upper;
-  __device__ __forceinline__ A e(int64_t b) const { return eps_ps ? eps_ps[b] : eps; }
-  __device__ __forceinline__ A a(int64_t b) const { return alpha_ps ? alpha_ps[b] : alpha; }
-  __device__ __forceinline__ bool on(int64_t b) const { return active ? active[b] : true; }
-};
-
-template <typename A>
 Budget<A> budget_of(const StepParams& p) {
   return Budget<A>{round_down_to<A>(p.eps),
                    static_cast<A>(p.alpha),

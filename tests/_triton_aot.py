@@ -137,6 +137,35 @@ class _FakeCudaIndexing(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Keyword arguments that JITFunction.run adds from triton.knobs before binding. They differ
+# between Triton versions (3.6 has neither instrumentation_mode nor fpsan_homomorphic_casts
+# everywhere), so each is passed only when the installed Triton has the knob.
+_KNOB_KWARGS = (("instrumentation_mode", "compilation", "instrumentation_mode"),
+                ("fpsan_homomorphic_casts", "compilation", "fpsan_homomorphic_casts"))
+
+
+def _knob(group: str, name: str, default=None):
+    knobs = getattr(triton, "knobs", None)
+    grp = getattr(knobs, group, None) if knobs is not None else None
+    return getattr(grp, name, default) if grp is not None else default
+
+
+def _run_knobs(fn, kwargs) -> dict:
+    out = {"debug": kwargs.get("debug", getattr(fn, "debug", False)) or bool(_knob("runtime", "debug", False))}
+    missing = object()
+    for kwarg, group, name in _KNOB_KWARGS:
+        value = _knob(group, name, missing)
+        if value is not missing:
+            out[kwarg] = value
+    return out
+
+
+def op_of_module(module: str) -> str:
+    """Op name of a kernel module: drp_kernels.ops.proto_loss_kernels -> proto_loss."""
+    name = module.rsplit(".", 1)[-1]
+    return name[: -len("_kernels")] if name.endswith("_kernels") else name
+
+
 class Recorder:
     """Replaces JITFunction.run / Autotuner.run: records (kernel, signature, constexprs, attrs, options)."""
 
@@ -158,9 +187,7 @@ class Recorder:
         args = [MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in args]
         kwargs = {k: MockTensor(v.dtype, list(v.shape)) if isinstance(v, torch.Tensor) else v
                   for k, v in kwargs.items()}
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
-        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
+        kwargs.update(_run_knobs(fn, kwargs))
         target = self.target
         cache_key = (id(fn), target.arch)
         if cache_key not in self.binders:  # fn.device_caches would pin the first arch's target
@@ -176,7 +203,7 @@ class Recorder:
             self.jobs[key] = {
                 "fn": fn, "signature": signature, "constexprs": constexprs, "attrs": attrs,
                 "options": options.__dict__, "target": target, "arch": target.arch,
-                "kernel": f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__}",
+                "kernel": f"{op_of_module(fn.fn.__module__)}.{fn.fn.__qualname__}",
                 "config": {**{k: _plain(v) for k, v in named.items()},
                            "num_warps": options.num_warps, "num_stages": options.num_stages,
                            "dtypes": sorted({v for v in signature.values() if isinstance(v, str)
@@ -193,6 +220,7 @@ class Recorder:
         recorder = self
         old_jit_run, old_tune_run = JITFunction.run, Autotuner.run
         old_props = torch.cuda.get_device_properties
+        old_device = torch.cuda.device
 
         def jit_run(fn, *args, grid, warmup, **kwargs):
             recorder.jit_run(fn, args, kwargs)
@@ -212,11 +240,13 @@ class Recorder:
         JITFunction.run = jit_run
         Autotuner.run = tune_run
         torch.cuda.get_device_properties = lambda *a, **k: _DeviceProps(arch)
+        torch.cuda.device = lambda *a, **k: contextlib.nullcontext()  # no device to switch to
         try:
             yield
         finally:
             JITFunction.run, Autotuner.run = old_jit_run, old_tune_run
             torch.cuda.get_device_properties = old_props
+            torch.cuda.device = old_device
             _driver._active = old_driver
 
 
@@ -225,17 +255,15 @@ def _plain(v):
 
 
 @contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
+def _matmul_precision(value):
+    """torch.set_float32_matmul_precision(value) inside the block (None: unchanged)."""
+    old = torch.get_float32_matmul_precision()
+    if value is not None:
+        torch.set_float32_matmul_precision(value)
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        torch.set_float32_matmul_precision(old)
 
 
 # ------------------------------------------------------------------------ scenarios
@@ -257,13 +285,13 @@ def _scenarios_proto_loss(dtypes, quick):
     for zdt, pdt in pairs:
         for b, c, d in shapes:
             for metric in pl.METRICS:
-                native = zdt == pdt and zdt != torch.float32  # 16-bit dot; else DRP_FP32_DOT decides
-                precs = ["tf32x3", "ieee", "tf32"] if metric == "cosine" and not native and not quick else [None]
+                native = zdt == pdt and zdt != torch.float32  # 16-bit dot; else torch's fp32 precision
+                precs = ["highest", "high"] if metric == "cosine" and not native and not quick else [None]
                 for prec in precs:
-                    name = f"proto_loss {metric} z={zdt} P={pdt} B,C,D={b},{c},{d} DRP_FP32_DOT={prec}"
+                    name = f"proto_loss {metric} z={zdt} P={pdt} B,C,D={b},{c},{d} matmul_precision={prec}"
 
                     def run(metric=metric, zdt=zdt, pdt=pdt, b=b, c=c, d=d, prec=prec):
-                        with _env(DRP_FP32_DOT=prec):
+                        with _matmul_precision(prec):
                             z = torch.empty((b, d), device="cuda", dtype=zdt)
                             p = torch.empty((c, d), device="cuda", dtype=pdt)
                             y = torch.empty((b,), device="cuda", dtype=torch.int64)
@@ -287,13 +315,13 @@ def _scenarios_repulsion(dtypes, quick):
     for dt in dtypes.values():
         for c, d in shapes:
             for metric in rp.METRICS:
-                precs = ["tf32x3", "ieee", "tf32"] if metric == "cosine" and not quick else [None]
+                precs = ["highest", "high"] if metric == "cosine" and not quick else [None]
                 for prec in precs:
                     for kind in rp.KINDS:
-                        name = f"repulsion {metric} {kind} X={dt} C,D={c},{d} DRP_DOT_PRECISION={prec}"
+                        name = f"repulsion {metric} {kind} X={dt} C,D={c},{d} matmul_precision={prec}"
 
                         def run(metric=metric, kind=kind, dt=dt, c=c, d=d, prec=prec):
-                            with _env(DRP_DOT_PRECISION=prec):
+                            with _matmul_precision(prec):
                                 x = torch.empty((c, d), device="cuda", dtype=dt)
                                 row = rp.repulsion_forward(x, metric=metric, kind=kind, temperature=0.5)
                                 grad = torch.empty((), device="cuda", dtype=torch.float32)
@@ -337,7 +365,25 @@ def _scenarios_selftest(dtypes, quick):
     yield "selftest", run
 
 
-SCENARIOS = {"proto_loss": _scenarios_proto_loss, "repulsion": _scenarios_repulsion}
+def _scenarios_lp_dist(dtypes, quick):
+    """lp_dist forward and backward: every power mode of p (1, 2, 8, integer, real, inf, large p)."""
+    from drp_kernels.ops import lp_dist as lp
+
+    shapes = SHAPES[1:] if quick else SHAPES
+    for dt in dtypes.values():
+        for b, n, d in shapes:
+            for p in (1.0, 2.0, 8.0, 5.0, 3.5, 1000.0, 40.5, float("inf")):  # > 16: recompute path
+                def run(dt=dt, b=b, n=n, d=d, p=p):
+                    x = torch.empty((b, d), device="cuda", dtype=dt)
+                    w = torch.empty((n, d), device="cuda", dtype=dt)
+                    out, idx = lp.lp_dist_forward(x, w, p)
+                    lp.lp_dist_backward(torch.empty_like(out), x, w, out, idx, p, True, True)
+
+                yield f"lp_dist p={p} {dt} B,N,D={b},{n},{d}", run
+
+
+SCENARIOS = {"proto_loss": _scenarios_proto_loss, "repulsion": _scenarios_repulsion,
+             "lp_dist": _scenarios_lp_dist}
 SELFTEST = {"_selftest": _scenarios_selftest}
 
 
@@ -405,7 +451,7 @@ def defined_kernels() -> dict:
         names = sorted(n for n, v in vars(mod).items()
                        if n.endswith("_kernel") and isinstance(v, triton.runtime.jit.KernelInterface))
         if names:
-            found[info.name] = names
+            found.setdefault(op_of_module(info.name), []).extend(names)
     return found
 
 

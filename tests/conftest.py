@@ -1,8 +1,9 @@
-"""Shared test set-up.
+"""Shared test set-up (helpers live in tests/_helpers.py).
 
-Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must
-be set before triton decorates any kernel, so it is set here, before any test
-module imports drp_kernels.
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be set
+before triton decorates any kernel, so it is set here, before any test module imports
+drp_kernels. With a GPU, tests put the kernels' inputs on CUDA (``_helpers.DEVICE``);
+``cuda``-marked tests are skipped without one.
 """
 import os
 
@@ -11,6 +12,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from _helpers import DEVICE  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,34 +25,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def assert_verbose_allclose(actual, expected, *, atol=1e-6, rtol=1e-5, max_print=5, name="tensor"):
-    """allclose that also matches NaN/inf placement and says where and by how much it differs."""
-    actual = torch.as_tensor(actual)
-    expected = torch.as_tensor(expected)
-    if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    nan_mismatch = torch.isnan(a) != torch.isnan(e)
-    inf_mismatch = torch.isinf(a) != torch.isinf(e)
-    inf_sign = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) != torch.sign(e))
-    finite = torch.isfinite(a) & torch.isfinite(e)
-    diff = torch.zeros_like(a)
-    diff[finite] = (a[finite] - e[finite]).abs()
-    tol_bad = finite & (diff > atol + rtol * e.abs())
-    bad = nan_mismatch | inf_mismatch | inf_sign | tol_bad
-    if bad.any():
-        idx = bad.nonzero()[:max_print]
-        lines = [
-            f"{name}: {int(bad.sum())} of {a.numel()} elements differ "
-            f"(atol={atol}, rtol={rtol}, max abs diff {diff.max().item():.3e})"
-        ]
-        for i in idx:
-            t = tuple(i.tolist())
-            lines.append(f"  at {t}: actual {a[t].item()!r}, expected {e[t].item()!r}")
-        raise AssertionError("\n".join(lines))
+@pytest.fixture
+def device():
+    """Where the kernels' inputs go: "cuda" with a GPU, else "cpu" (Triton interpreter)."""
+    return DEVICE
 
 
 @pytest.fixture
-def verbose_allclose():
-    return assert_verbose_allclose
+def triton_backend(monkeypatch):
+    """Force the Triton kernels (DRP_BACKEND=triton); inputs must be on ``DEVICE``."""
+    monkeypatch.setenv("DRP_BACKEND", "triton")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small CNNs run far faster single-threaded, above all on a shared 2-core machine.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from conftest import assert_verbose_allclose
 
 import drp_kernels
+from _helpers import assert_verbose_allclose, optional_hypothesis
 from drp_kernels import reference
 from drp_kernels.ops import pgd_step as pgd_ops
+
+given, settings, st, HealthCheck = optional_hypothesis()
 
 pytestmark = pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="drp_kernels._C not built")
 
@@ -64,7 +63,8 @@ def assert_in_ball(out, x, eps, *, norm, lower, upper):
 # ------------------------------------------------------------------ pgd_step_ vs reference
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("eps_kind,alpha_kind", [("float", "float"), ("tensor", "float"), ("float", "tensor"), ("tensor", "tensor")])
+@pytest.mark.parametrize("eps_kind,alpha_kind",
+                         [("float", "float"), ("tensor", "float"), ("float", "tensor"), ("tensor", "tensor")])
 def test_linf_matches_reference_bitwise(dtype, shape, eps_kind, alpha_kind):
     x_adv, x, grad = make(shape, dtype)
     eps = budgets(eps_kind, shape[0], 0.05)
@@ -137,6 +137,19 @@ def test_linf_nan_grad_counts_as_zero_like_torch_sign():
     out, expected = run_both(x_adv, x, grad, 0.1, 0.05)
     assert out[0, 3].item() == x_adv[0, 3].item()  # torch.sign(nan) == 0: no move
     assert_verbose_allclose(out, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_linf_subnormal_grad_moves_like_torch_sign(device):
+    """torch.sign of a subnormal gradient is +-1: the kernels must not flush it to zero (no fast-math)."""
+    x_adv, x, grad = make((6, 16), torch.float32, device=device, spread=0.0, zero_frac=0.0)
+    x_adv = x_adv.clamp(0.2, 0.8)
+    x = x_adv.clone()
+    grad = torch.where(grad > 0, 1e-40, -1e-40)
+    assert grad.abs().min().item() > 0, "the test needs subnormal, not flushed, gradients"
+    out, expected = run_both(x_adv, x, grad, 0.1, 0.05)
+    assert_verbose_allclose(out, expected, atol=0, rtol=0, name=f"{device} subnormal grad")
+    assert torch.equal(out - x_adv > 0, grad > 0) and bool((out != x_adv).all())
 
 
 @pytest.mark.parametrize("lower,upper", [(0.1, 0.9), (-0.3, 0.7)])

@@ -4,23 +4,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import torch.nn.functional as F
 
-import drp_kernels
-from conftest import assert_verbose_allclose
+from _helpers import DEVICE, assert_verbose_allclose, optional_hypothesis
 from drp_kernels import ProtoClassifier, ProtoLoss, proto_logits, proto_loss, reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+given, settings, st, _ = optional_hypothesis()
 METRICS = ["linf", "l2", "cosine"]
 REDUCTIONS = ["mean", "sum", "none"]
 # CCE's accuracy rule: error vs fp64 ground truth <= same-dtype reference error + tol (relative to scale)
 DTYPE_TOL = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("DRP_BACKEND", "triton")
 
 
 def _inputs(b, d, c, *, seed=0, device=DEVICE):
@@ -144,7 +137,8 @@ def test_strided_inputs(metric, monkeypatch):
     for name, k, r in zip(("loss", "grad_z", "grad_prototypes"), ker, ref):
         assert_verbose_allclose(k, r, atol=2e-5, rtol=1e-4, name=name)
     monkeypatch.setenv("DRP_BACKEND", "triton")
-    assert_verbose_allclose(proto_logits(zt, pt, metric=metric), reference.proto_logits(z, pt.contiguous(), metric=metric),
+    assert_verbose_allclose(proto_logits(zt, pt, metric=metric),
+                            reference.proto_logits(z, pt.contiguous(), metric=metric),
                             atol=2e-5, rtol=1e-4, name="logits")
 
 
@@ -153,8 +147,9 @@ def test_linf_ties_take_first_argmax(monkeypatch):
     z = torch.tensor([[1.0, -1.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]], device=DEVICE)
     p = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 2.0, -2.0, 0.0]], device=DEVICE)
     y = torch.tensor([0, 1], device=DEVICE)
-    ref = _loss_and_grads(z, p, y, "reference", monkeypatch, metric="linf", reduction="sum", upstream=torch.tensor(1.0))
-    ker = _loss_and_grads(z, p, y, "triton", monkeypatch, metric="linf", reduction="sum", upstream=torch.tensor(1.0))
+    one = torch.tensor(1.0, device=DEVICE)
+    ref = _loss_and_grads(z, p, y, "reference", monkeypatch, metric="linf", reduction="sum", upstream=one)
+    ker = _loss_and_grads(z, p, y, "triton", monkeypatch, metric="linf", reduction="sum", upstream=one)
     expected_gz = torch.tensor([[1.0, 0, 0, 0], [0, -1.0, 0, 0]], device=DEVICE)
     assert_verbose_allclose(ref[1], expected_gz, name="reference grad_z")
     for name, k, r in zip(("loss", "grad_z", "grad_prototypes"), ker, ref):
@@ -199,6 +194,46 @@ def test_empty_batch(backend, monkeypatch):
     assert proto_logits(z, p, metric="l2").shape == (0, 3)
 
 
+def _cosine_ce_through_matmul(z, p, y, *, compute_dtype, reduction):
+    """Loss and gradients of 1 - cos(z, P[y]) + cross_entropy(cos(z, P), y) via one matmul.
+
+    Same value as reference.proto_loss(metric="cosine", ce_weight=1, temperature=1) for nonzero
+    rows, without its B x C x D broadcast, so large shapes stay cheap. Inputs keep their dtype
+    (gradients come back in it); the arithmetic runs in ``compute_dtype``.
+    """
+    z = z.detach().clone().requires_grad_(True)
+    p = p.detach().clone().requires_grad_(True)
+    cos = F.normalize(z.to(compute_dtype), dim=1) @ F.normalize(p.to(compute_dtype), dim=1).T
+    per_sample = 1.0 - cos.gather(1, y[:, None])[:, 0] + F.cross_entropy(cos, y, reduction="none")
+    out = per_sample.mean() if reduction == "mean" else per_sample.sum()
+    return (out.detach(), *torch.autograd.grad(out, (z, p)))
+
+
+def test_fused_cosine_ce_fp16_backward_large_c(monkeypatch):
+    """fp16 cosine CE at B=512, C=8192 with |P_c| ~ 170: the backward's weights g * softmax / |P_c|
+    (~1e-9) lie below fp16's smallest subnormal; the kernel must still be as accurate as PyTorch in fp16
+    (fp16 inputs, fp32 arithmetic, fp16 gradients) against an fp64 ground truth."""
+    b, c, d = 512, 8192, 32
+    reduction = "mean"  # 1 / B makes the weights smallest
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(b, d, generator=g).to(DEVICE)
+    p = torch.randn(c, d, generator=g).to(DEVICE)
+    p = 170.0 * p / p.norm(dim=1, keepdim=True)
+    y = torch.randint(0, c, (b,), generator=g).to(DEVICE)
+    z16, p16 = z.half(), p.half()
+    truth = _cosine_ce_through_matmul(z16.double(), p16.double(), y, compute_dtype=torch.float64,
+                                      reduction=reduction)
+    torch_fp16 = _cosine_ce_through_matmul(z16, p16, y, compute_dtype=torch.float32, reduction=reduction)
+    kernel = _loss_and_grads(z16, p16, y, "triton", monkeypatch, upstream=torch.tensor(1.0, device=DEVICE),
+                             metric="cosine", reduction=reduction, ce_weight=1.0, temperature=1.0)
+    for name, k, r, t in zip(("loss", "grad_z", "grad_prototypes"), kernel, torch_fp16, truth):
+        assert k.dtype == r.dtype and k.shape == r.shape, name
+        scale = t.abs().max().item()  # the gradients are ~1e-3: errors relative to their own size
+        ek = (k.double() - t).abs().max().item() / scale
+        er = (r.double() - t).abs().max().item() / scale
+        assert ek <= er + 2e-4, f"{name}: kernel relative error {ek:.3e} > PyTorch fp16 error {er:.3e} + 2e-4"
+
+
 # ------------------------------------------------------------- gradcheck / opcheck
 @pytest.mark.parametrize("ce_weight", [0.0, 0.7])
 @pytest.mark.parametrize("metric", METRICS)
@@ -227,7 +262,7 @@ def test_torch_compile_model_and_loss_fullgraph(backend, monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).to(DEVICE)
-    crit = ProtoLoss(torch.randn(5, 8), metric="cosine", ce_weight=0.5).to(DEVICE)
+    crit = ProtoLoss(torch.randn(5, 8, device=DEVICE), metric="cosine", ce_weight=0.5)
     x = torch.randn(7, 10, device=DEVICE)
     y = torch.randint(0, 5, (7,), device=DEVICE)
 
@@ -285,14 +320,14 @@ def test_proto_classifier_returns_logits_of_net():
 
 # --------------------------------------------------------------------- bad input
 def _bad_cases():
-    z, p, y = _inputs(4, 5, 3, device="cpu")
+    z, p, y = _inputs(4, 5, 3)
     return [
         (dict(z=z[0]), "z must be 2-D"),
-        (dict(p=torch.randn(3, 6)), "D=5 but prototypes have D=6"),
-        (dict(y=y.int()), "y must have dtype torch.int64"),
+        (dict(p=torch.randn(3, 6, device=DEVICE)), "D=5 but prototypes have D=6"),
+        (dict(y=y.float()), "y must hold integer class indices"),
         (dict(y=y[:3]), r"y must have shape \(4,\)"),
-        (dict(y=torch.tensor([0, 1, 3, 0])), r"class indices in \[0, 3\), got y\[2\] = 3"),
-        (dict(y=torch.tensor([0, -1, 2, 0])), r"got y\[1\] = -1"),
+        (dict(y=torch.tensor([0, 1, 3, 0], device=DEVICE)), r"class indices in \[0, 3\), got y\[2\] = 3"),
+        (dict(y=torch.tensor([0, -1, 2, 0], device=DEVICE)), r"got y\[1\] = -1"),
         (dict(metric="l1"), "metric must be one of"),
         (dict(p=p[0]), "prototypes must be 2-D"),
         (dict(reduction="avg"), "reduction must be one of"),
@@ -305,7 +340,7 @@ def _bad_cases():
 @pytest.mark.parametrize("case", range(11))
 def test_bad_input_errors_name_the_argument(case, backend, monkeypatch):
     monkeypatch.setenv("DRP_BACKEND", backend)
-    z, p, y = _inputs(4, 5, 3, device="cpu")
+    z, p, y = _inputs(4, 5, 3)
     over, match = _bad_cases()[case]
     args = dict(z=z, p=p, y=y, metric="linf", reduction="mean", temperature=1.0)
     args.update(over)
@@ -361,6 +396,21 @@ def test_cuda_loss_only_int64_indexing():
     tail = slice(b - 1000, b)
     assert_verbose_allclose(out[tail], reference.proto_loss(z[tail], p, y[tail], metric="linf", reduction="none"),
                             atol=1e-6, rtol=1e-6, name="tail rows")
+
+
+@pytest.mark.cuda
+def test_cuda_column_major_z_int64_offsets():
+    """A column-major z view: D offsets d * stride_zd pass 2**31 elements (int64 D offsets)."""
+    b, d, c = 2**22 + 3, 512, 10
+    z = torch.randn(d, b, device="cuda", dtype=torch.float16).t()
+    assert z.stride() == (1, b) and (d - 1) * b > 2**31
+    p = torch.randn(c, d, device="cuda", dtype=torch.float16)
+    y = torch.randint(0, c, (b,), device="cuda")
+    tail = slice(b - 1000, b)
+    for metric in ("linf", "cosine"):
+        out = proto_loss(z, p, y, metric=metric, reduction="none")
+        ref = reference.proto_loss(z[tail].contiguous(), p, y[tail], metric=metric, reduction="none")
+        assert_verbose_allclose(out[tail], ref, atol=1e-5, rtol=1e-5, name=f"{metric} tail rows")
 
 
 @pytest.mark.cuda

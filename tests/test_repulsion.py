@@ -3,23 +3,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from conftest import assert_verbose_allclose
+from _helpers import DEVICE, assert_verbose_allclose, optional_hypothesis
 from drp_kernels import reference, repulsion_energy
+from drp_kernels.ops import _triton_utils
 from drp_kernels.ops import repulsion as ops
+
+given, settings, st, _ = optional_hypothesis()
 
 METRICS = ("cosine", "l2", "linf")
 KINDS = ("sum", "softmin")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("DRP_BACKEND", "triton")
-
-
-def _inputs(C, D, *, metric, seed=0, dtype=torch.float32, device="cpu"):
+def _inputs(C, D, *, metric, seed=0, dtype=torch.float32, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     P = torch.randn(C, D, generator=g)
     if metric == "linf":
@@ -88,7 +83,7 @@ def test_strided_input_and_duplicate_rows(triton_backend):
 
 
 def test_single_row_uses_reference(triton_backend):
-    P = torch.randn(1, 4, requires_grad=True)
+    P = torch.randn(1, 4, device=DEVICE, requires_grad=True)
     assert repulsion_energy(P, kind="sum").item() == 0.0
     assert repulsion_energy(P, kind="softmin").item() == -math.inf
 
@@ -102,16 +97,17 @@ def test_reference_backend_is_the_reference(monkeypatch):
 
 
 def test_minimising_pushes_apart(triton_backend):
-    P = torch.randn(12, 6)
+    P = torch.randn(12, 6, device=DEVICE)
+    eye = torch.eye(12, dtype=torch.bool, device=DEVICE)
     for metric in METRICS:
         p = P.clone().requires_grad_(True)
-        before = reference.pairwise_distance(p.detach(), metric=metric).masked_fill(torch.eye(12, dtype=torch.bool), 9).min()
+        before = reference.pairwise_distance(p.detach(), metric=metric).masked_fill(eye, 9).min()
         opt = torch.optim.SGD([p], lr=0.02)
         for _ in range(5):
             opt.zero_grad()
             repulsion_energy(p, metric=metric, kind="softmin", temperature=0.1).backward()
             opt.step()
-        after = reference.pairwise_distance(p.detach(), metric=metric).masked_fill(torch.eye(12, dtype=torch.bool), 9).min()
+        after = reference.pairwise_distance(p.detach(), metric=metric).masked_fill(eye, 9).min()
         assert after > before, metric
 
 
@@ -120,7 +116,6 @@ def test_minimising_pushes_apart(triton_backend):
     (dict(P=torch.randn(2, 3, 4)), "2-D"),
     (dict(P=torch.ones(4, 3, dtype=torch.int64)), "floating"),
     (dict(P=torch.randn(4, 0)), "dim >= 1"),
-    (dict(P=[[0.0, 1.0]]), "torch.Tensor"),
     (dict(metric="l1"), "metric"),
     (dict(kind="max"), "kind"),
     (dict(temperature=0.0), "temperature"),
@@ -130,24 +125,38 @@ def test_bad_input(bad, err):
     kw = dict(P=torch.randn(4, 3), metric="cosine", kind="softmin", temperature=0.1)
     kw.update(bad)
     P = kw.pop("P")
-    with pytest.raises(ValueError, match=err):
+    with pytest.raises(TypeError if err == "torch.Tensor" else ValueError, match=err):  # wrong type: TypeError
         repulsion_energy(P, **kw)
 
 
-def test_bad_backend_env(monkeypatch):
-    monkeypatch.setenv("DRP_DOT_PRECISION", "fp8")
-    with pytest.raises(ValueError, match="DRP_DOT_PRECISION"):
-        ops.repulsion_forward(torch.randn(4, 3), metric="cosine", kind="sum", temperature=1.0)
+def test_bad_input_type():
+    """A wrong type is a TypeError (the package's policy), naming the argument."""
+    with pytest.raises(TypeError, match="P must be a torch.Tensor"):
+        repulsion_energy([[0.0, 1.0]], metric="cosine", kind="softmin", temperature=0.1)
+
+
+def test_fp32_dot_precision_follows_torch():
+    """fp32 tl.dot precision is torch's float32 matmul precision (no environment variable)."""
+    old = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert _triton_utils.fp32_dot_precision() == expected, setting
+            # the interpreter (CPU tensors) always computes in IEEE fp32
+            assert _triton_utils.dot_precision_for(torch.empty(1)) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 @pytest.mark.parametrize("metric,kind", [("cosine", "softmin"), ("linf", "sum"), ("l2", "softmin")])
 def test_opcheck(metric, kind):
-    x = torch.randn(9, 5)
+    x = torch.randn(9, 5, device=DEVICE)
     if metric == "cosine":
         x = x / x.norm(dim=1, keepdim=True)
     torch.library.opcheck(torch.ops.drp.repulsion_fwd, (x.requires_grad_(True), metric, kind, 0.3))
     _e, row = torch.ops.drp.repulsion_fwd(x.detach(), metric, kind, 0.3)
-    torch.library.opcheck(torch.ops.drp.repulsion_bwd, (torch.tensor(1.5), x.detach(), row, metric, kind, 0.3))
+    torch.library.opcheck(torch.ops.drp.repulsion_bwd, (torch.tensor(1.5, device=DEVICE), x.detach(), row, metric,
+                                                         kind, 0.3))
 
 
 def test_torch_compile_fullgraph(triton_backend):

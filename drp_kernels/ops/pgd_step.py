@@ -35,11 +35,13 @@ from typing import Optional, Union
 
 import torch
 
+from .._constants import NORMS
+
 __all__ = ["pgd_step_", "random_init", "has_cuda_kernels", "extension_error"]
 
 Budget = Union[float, torch.Tensor]
-NORMS = ("linf", "l2")
-_REBUILD = "rebuild it with `DRP_FORCE_CUDA=1 pip install --no-build-isolation -e .` (needs nvcc and a CUDA build of torch)"
+_REBUILD = ("rebuild it with `DRP_FORCE_CUDA=1 pip install --no-build-isolation -e .` "
+            "(needs nvcc and a CUDA build of torch)")
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.drp.*)
@@ -114,7 +116,8 @@ def _budget(v: Budget, name: str, x: torch.Tensor, *, round_down: bool):
     """(scalar, per-sample tensor or None) for the op; validates v >= 0 and its length."""
     batch = x.shape[0]
     if isinstance(v, torch.Tensor):
-        if v.dtype == torch.bool or v.is_complex() or not (v.is_floating_point() or v.dtype.is_signed or v.dtype == torch.uint8):
+        numeric = v.is_floating_point() or v.dtype.is_signed or v.dtype == torch.uint8
+        if v.dtype == torch.bool or v.is_complex() or not numeric:
             raise ValueError(f"{name} must be a real-valued tensor, got dtype {v.dtype}")
         if v.dim() == 0:
             v = v.expand(batch)
