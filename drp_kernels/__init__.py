@@ -2,8 +2,10 @@
 Deep Repulsive Prototypes (Serban, Poll, Visser, arXiv 2105.12427)."""
 from . import reference
 from .ops.pgd_step import pgd_step_, random_init
-from .functional import proto_loss, proto_logits, repulsion_energy
+from .functional import proto_loss, proto_logits, paper_logits, repulsion_energy
 from .modules import ProtoLoss, ProtoClassifier
+from .ops.lp_dist import lp_dist
+from .layers import LpDist
 from .prototypes import repulsive_prototypes, separation, save_prototypes, load_prototypes
 from . import attacks
 
@@ -14,7 +16,10 @@ __all__ = [
     "random_init",
     "proto_loss",
     "proto_logits",
+    "paper_logits",
     "repulsion_energy",
+    "lp_dist",
+    "LpDist",
     "ProtoLoss",
     "ProtoClassifier",
     "repulsive_prototypes",

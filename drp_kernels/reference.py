@@ -20,6 +20,7 @@ __all__ = [
     "proto_loss",
     "pairwise_distance",
     "repulsion_energy",
+    "lp_dist",
 ]
 
 Budget = Union[float, torch.Tensor]
@@ -217,20 +218,36 @@ def proto_loss(
     reduction: str = "mean",
     ce_weight: float = 0.0,
     temperature: float = 1.0,
+    ignore_index: int = -100,
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """d(z_b, P[y_b]) + ce_weight * cross_entropy(logits_b / temperature, y_b), reduced like torch."""
+    """d(z_b, P[y_b]) + ce_weight * CE_b, reduced like torch.
+
+    CE is ``F.cross_entropy(logits / temperature, y, weight=weight, ignore_index=ignore_index,
+    label_smoothing=label_smoothing)``. Samples with ``y == ignore_index`` are dropped: 0 under
+    "none", left out of "sum" and of the count of "mean". "mean" is the mean distance over the
+    kept samples plus ce_weight times F.cross_entropy's own "mean" (weighted by ``weight``).
+    """
+    y = y.long()
+    keep = y != ignore_index
     d = proto_distance(z, prototypes, metric=metric)
-    per_sample = d.gather(1, y.view(-1, 1)).squeeze(1)
+    dist = d.gather(1, torch.where(keep, y, 0).view(-1, 1)).squeeze(1)
+    dist = torch.where(keep, dist, torch.zeros((), dtype=dist.dtype, device=dist.device))
+    if reduction == "none":
+        out = dist
+    elif reduction == "sum":
+        out = dist.sum()
+    elif reduction == "mean":
+        out = dist.sum() / keep.sum()
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if ce_weight != 0.0:
         logits = (1.0 - d if metric == "cosine" else -d) / temperature
-        per_sample = per_sample + ce_weight * F.cross_entropy(logits, y, reduction="none")
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.mean()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        w = None if weight is None else weight.to(logits.dtype)
+        out = out + ce_weight * F.cross_entropy(logits, y, weight=w, ignore_index=ignore_index,
+                                                label_smoothing=label_smoothing, reduction=reduction)
+    return out
 
 
 # ---------------------------------------------------------------- prototype repulsion
@@ -266,3 +283,26 @@ def repulsion_energy(
             return d.sum() * 0.0 - math.inf
         return temperature * torch.logsumexp(-d[off] / temperature, dim=0)
     raise ValueError(f"kind must be 'sum' or 'softmin', got {kind!r}")
+
+
+# ------------------------------------------------------------------ lp distance layer
+def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, N) ``(sum_k |x[b, k] - w[n, k]|^p)^(1/p)`` by explicit broadcast (O(B N D) memory).
+
+    p = inf: ``max_k |d_k|``, its gradient the subgradient at the first arg-max coordinate.
+    Finite p: ``m * (sum_k (|d_k| / m)^p)^(1/p)`` with m the pair's largest |d_k| (the same value,
+    but p = 1000 neither overflows nor underflows); the gradient is zero where the distance is 0.
+    float32 for 16-bit inputs, float64 when x or w is float64.
+    """
+    cd = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    a = (x.to(cd)[:, None, :] - w.to(cd)[None, :, :]).abs()
+    if a.shape[-1] == 0:
+        return a.sum(dim=-1)
+    if p == math.inf:
+        return a.gather(-1, a.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    m = a.amax(dim=-1, keepdim=True)
+    nonzero = m > 0
+    m_safe = torch.where(nonzero, m, torch.ones_like(m))
+    s = ((a / m_safe) ** p).sum(dim=-1, keepdim=True)
+    s_safe = torch.where(nonzero, s, torch.ones_like(s))
+    return torch.where(nonzero, m_safe * s_safe ** (1.0 / p), torch.zeros_like(m)).squeeze(-1)
