@@ -1,9 +1,7 @@
 """drp_kernels.attacks on a small CNN trained here on a Fashion-MNIST subset."""
-import gzip
 import importlib
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,32 +10,10 @@ from torch import nn
 import drp_kernels
 from drp_kernels import attacks as A
 
-FMNIST = os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist")
+from _helpers import FMNIST_DIR as FMNIST, load_fmnist, small_cnn  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small CNNs run far faster single-threaded, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def load_fmnist(kind, n):
-    """The first n images (float32 in [0, 1], N x 1 x 28 x 28) and labels (int64) of an IDX split."""
-    with gzip.open(os.path.join(FMNIST, f"{kind}-images-idx3-ubyte.gz")) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(os.path.join(FMNIST, f"{kind}-labels-idx1-ubyte.gz")) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
-    return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
-
-
-def small_cnn(out=10):
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, out))
 
 
 def train(net, x, y, *, epochs=2, seed=0, loss_fn=F.cross_entropy):
@@ -114,7 +90,7 @@ def test_pgd_matches_a_plain_loop(data):
                 new = torch.where(keep, new, buf)
             buf.copy_(new.detach())
     x_adv = A.pgd(net, x, y, eps=EPS, alpha=alpha, steps=steps, random_start=False)
-    from conftest import assert_verbose_allclose
+    from _helpers import assert_verbose_allclose
     assert_verbose_allclose(x_adv, x_ref, atol=1e-6, rtol=0, name="pgd vs plain loop")
     # freezing only keeps points that were fooled: it fools a superset of the plain loop
     with torch.no_grad():

@@ -15,63 +15,24 @@ with probability 1/2. We fail when "robust only under ours" is so lopsided that 
 coin gives it with probability below 1 % (one-sided binomial tail). For example, with
 D = 7 that means all 7; with D = 20 it means 16 or more.
 """
-import gzip
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 TA = pytest.importorskip("torchattacks")
 
 import drp_kernels  # noqa: E402
 from drp_kernels import attacks as A  # noqa: E402
 
-FMNIST = os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist")
+from _helpers import FMNIST_DIR as FMNIST, load_fmnist as _load, small_cnn as _cnn, train_small as _train  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
 N_TEST = 100
 P_VALUE = 0.01
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _load(kind, n):
-    with gzip.open(os.path.join(FMNIST, f"{kind}-images-idx3-ubyte.gz")) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(os.path.join(FMNIST, f"{kind}-labels-idx1-ubyte.gz")) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
-    return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
-
-
-def _cnn(out):
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, out))
-
-
-def _train(model, loss_fn, x, y, *, epochs):
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0], 64):
-            b = perm[i:i + 64]
-            loss = loss_fn(x[b], y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    for p in model.parameters():
-        p.grad = None
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 modes are restored, no parameter gradients, bad inputs raise; APGD's schedule."""
 import pytest
 import torch
+
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -13,13 +15,7 @@ from drp_kernels.attacks.square import p_schedule
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small CNNs run far faster single-threaded, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(c, h, w, classes=5, seed=0):

@@ -1,14 +1,15 @@
-"""Attack engine and AutoAttack-grade robustness evaluation (issue 5).
+"""Attack engine and AutoAttack-grade robustness evaluation.
 
 Every attack takes a model returning logits for inputs in [0, 1] (a DRP model is a
 ``ProtoClassifier``) and returns detached adversarial inputs of x's shape and dtype.
 The model runs in eval mode during an attack; its modes are restored afterwards.
 """
-from ._common import RobustnessWarning, dlr_loss, dlr_targeted_loss
+from ._common import RobustnessWarning, dlr_loss, dlr_targeted_loss, eval_mode
 from .apgd import apgd
-from .evaluate import accuracy_vs_eps, evaluate, transfer
+from .evaluate import SUITES, accuracy_vs_eps, evaluate, transfer
 from .fgsm_pgd import fgsm, pgd
 from .hsj import hop_skip_jump
+from .paper import paper_pgd
 from .square import square
 
 __all__ = [
@@ -17,10 +18,13 @@ __all__ = [
     "apgd",
     "square",
     "hop_skip_jump",
+    "paper_pgd",
     "transfer",
     "evaluate",
     "accuracy_vs_eps",
+    "SUITES",
     "dlr_loss",
     "dlr_targeted_loss",
     "RobustnessWarning",
+    "eval_mode",
 ]

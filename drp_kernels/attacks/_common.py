@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.pgd_step import _budget as _op_budget
+
 __all__ = [
     "RobustnessWarning",
     "LOSSES",
@@ -29,6 +31,9 @@ __all__ = [
     "check_positive_int",
     "check_norm",
     "check_logits",
+    "validate_attack",
+    "step_budget",
+    "fused_step_",
     "budget_view",
     "model_device",
     "make_generator",
@@ -92,7 +97,8 @@ def check_images(x, *, name: str = "x", nchw: bool = False) -> None:
     if nchw and x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
     if x.dim() < 2:
-        raise ValueError(f"{name} must have a batch dimension and at least one feature dimension, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have a batch dimension and at least one feature dimension, "
+                         f"got shape {tuple(x.shape)}")
     if x.numel() == 0:
         return
     lo, hi = torch.aminmax(x.detach())
@@ -100,7 +106,8 @@ def check_images(x, *, name: str = "x", nchw: bool = False) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must lie in [0, 1] (normalisation belongs inside the model), got range [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(f"{name} must lie in [0, 1] (normalisation belongs inside the model), "
+                         f"got range [{lo:.4g}, {hi:.4g}]")
 
 
 def check_labels(y, x, *, name: str = "y") -> torch.Tensor:
@@ -142,7 +149,8 @@ def check_budget(eps, x, *, name: str = "eps") -> Budget:
             eps = float(eps)
         else:
             if eps.dim() != 1 or eps.shape[0] != x.shape[0]:
-                raise ValueError(f"{name} must be a float or a 1-D tensor of length B={x.shape[0]}, got shape {tuple(eps.shape)}")
+                raise ValueError(f"{name} must be a float or a 1-D tensor of length B={x.shape[0]}, "
+                                 f"got shape {tuple(eps.shape)}")
             if not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
                 raise ValueError(f"{name} must hold real numbers, got dtype {eps.dtype}")
             e = eps.detach().to(device=x.device, dtype=torch.float32)
@@ -167,6 +175,40 @@ def check_norm(norm, *, allowed=NORMS) -> str:
     if norm not in allowed:
         raise ValueError(f"norm must be one of {allowed}, got {norm!r}")
     return norm
+
+
+_UNSET = object()
+
+
+def validate_attack(model, x, y, *, eps=_UNSET, norm=_UNSET, nchw: bool = False):
+    """The checks every attack entry point shares: a callable model, images in [0, 1]
+    (NCHW when ``nchw``), int64 labels of matching length, and, when given, the budget
+    and the norm. Returns (y on x's device, eps as a float or (B,) tensor, norm)."""
+    check_model(model)
+    check_images(x, nchw=nchw)
+    y = check_labels(y, x)
+    if eps is not _UNSET:
+        eps = check_budget(eps, x)
+    if norm is not _UNSET:
+        norm = check_norm(norm)
+    return y, (None if eps is _UNSET else eps), (None if norm is _UNSET else norm)
+
+
+def step_budget(b: Budget, x: torch.Tensor, *, round_down: bool):
+    """A budget validated once for ``fused_step_``: (scalar, None) or (0.0, (B,) tensor in the
+    step's compute dtype). Validation syncs with the device once, here, not in every step."""
+    return _op_budget(b, "eps" if round_down else "alpha", x, round_down=round_down)
+
+
+def fused_step_(x_adv, x, grad, eps, alpha, norm, active=None):
+    """``drp_kernels.pgd_step_`` on budgets prepared by ``step_budget`` (no validation, so no
+    host sync): the per-iteration step of APGD and PGD."""
+    torch.ops.drp.pgd_step_(x_adv, x, grad, eps[0], alpha[0], eps[1], alpha[1], active, norm, 0.0, 1.0)
+    return x_adv
+
+
+def subset_step_budget(b, idx):
+    return b if b[1] is None else (b[0], b[1][idx])
 
 
 def budget_view(b: Budget, x: torch.Tensor) -> torch.Tensor:

@@ -12,16 +12,18 @@ the best point found so far when
       checkpoint, or
   (2) eta was not halved at the last checkpoint and the best loss has not improved since.
 Both the step and the projection go through ``drp_kernels.pgd_step_`` (the projection
-is a step with a zero gradient and step size 0).
+is a step with a zero gradient and step size 0). A point leaves the working batch as soon
+as it is misclassified (AutoAttack keeps iterating it until the run ends); the others
+iterate exactly as before.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops.pgd_step import pgd_step_, random_init
+from ..ops.pgd_step import random_init
 from . import _common as C
 
-__all__ = ["apgd", "checkpoints"]
+__all__ = ["apgd", "checkpoints", "n_runs"]
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -42,60 +44,133 @@ def checkpoints(steps: int) -> list:
     return out
 
 
-def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, generator):
-    """One APGD run on validated inputs (model in eval mode). No host sync inside the loop.
+def _exit_every(device) -> int:
+    """How often APGD drops broken points from its working batch: every iteration on the
+    CPU (a host sync costs nothing there), every 10 on an accelerator (one sync per 10)."""
+    return 1 if device.type == "cpu" else 10
 
-    Returns (x_out, fooled): x_out is the first misclassified iterate where one was found,
-    else the iterate of highest loss."""
+
+def _last_row(point, rows, n_points):
+    """Per output point, the index of the last of ``rows`` (a bool mask) that maps to it (-1: none)."""
+    r = torch.arange(point.shape[0], device=point.device)
+    last = torch.full((n_points,), -1, dtype=torch.long, device=point.device)
+    return last.scatter_reduce(0, point[rows], r[rows], reduce="amax")
+
+
+def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, generator, aux=None, x_start=None, progress=None,
+              point=None, n_points=None, runs_per_row_block=1):
+    """APGD runs on validated inputs (model in eval mode), one per row of x.
+
+    Several runs of the same point (its restarts, or its targets under dlr-t) may be stacked
+    as rows: ``point`` (rows,) maps each row to its output point (default: row i is point i,
+    ``n_points`` = rows). A point counts as broken as soon as any of its rows is misclassified,
+    and then ALL its rows leave the working batch. ``runs_per_row_block``: how many runs the
+    rows stack (for progress only).
+
+    loss_fn(logits, y, aux) -> per-row loss; aux is a per-row tensor (the targets of
+    dlr-t) or None. x_start: the starting points (default: a uniform draw from the ball).
+    A point leaves the working batch once it is misclassified (per-point early exit), so
+    broken points cost nothing further; the others follow exactly the same per-sample
+    iteration as without the exit. Budgets are validated once, so the loop itself never
+    waits on the device except for the early exit (see ``_exit_every``).
+
+    Returns (x_out, fooled) per point: x_out is the first misclassified iterate where one
+    was found, else the iterate of highest loss (of the point's last row)."""
     n = x.shape[0]
+    if point is None:
+        point, n_points = torch.arange(n, device=x.device), n
     bview = (-1,) + (1,) * (x.dim() - 1)
-    eps_vec = C.budget_vector(eps, n, x.device)
-    x_adv = random_init(x, eps, norm=norm, generator=generator)
-    logits, loss, grad = C.input_grad(model, x_adv, y, loss_fn)
+    out = torch.empty((n_points,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out_fooled = torch.zeros(n_points, dtype=torch.bool, device=x.device)
+    eps_b = C.step_budget(eps, x, round_down=True)
+    step = (2.0 * C.budget_vector(eps, n, x.device)).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if x_start is None:
+        x_adv = random_init(x, eps, norm=norm, generator=generator)
+    else:
+        x_adv = x_start.detach().clone()
+
+    def grad_at(xa, yy, aa):
+        return C.input_grad(model, xa, yy, lambda z, t: loss_fn(z, t, aa))
+
+    logits, loss, grad = grad_at(x_adv, y, aux)
     fooled = logits.argmax(dim=1) != y
-    x_found = torch.where(fooled.view(bview), x_adv, x)
-    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
-    step = 2.0 * eps_vec
-    x_prev = x_adv.clone()
-    buf = torch.empty_like(x_adv)
-    zero = torch.zeros_like(x_adv)
-    loss_prev = loss
-    increases = torch.zeros(n, device=x.device)
-    reduced_last = torch.zeros(n, dtype=torch.bool, device=x.device)
-    loss_best_last = loss_best.clone()
+    s = {  # the per-sample state, compacted together when points leave
+        "x": x, "y": y, "aux": aux, "step": step, "x_adv": x_adv, "x_prev": x_adv.clone(), "grad": grad,
+        "x_found": torch.where(fooled.view(bview), x_adv, x), "fooled": fooled,
+        "x_best": x_adv.clone(), "grad_best": grad.clone(), "loss_best": loss.clone(), "loss_prev": loss,
+        "increases": torch.zeros(n, device=x.device), "reduced_last": torch.zeros(n, dtype=torch.bool, device=x.device),
+        "point": point,
+    }
+    s["loss_best_last"] = s["loss_best"].clone()
+
+    def drop_broken():
+        """Write out the broken points, remove every row of theirs from the state; returns the
+        number of rows left."""
+        nonlocal eps_b, points_left
+        f = s["fooled"]
+        if not bool(f.any()):
+            return f.shape[0]
+        last = _last_row(s["point"], f, n_points)
+        hit = last >= 0
+        out[hit] = s["x_found"][last[hit]]
+        out_fooled[hit] = True
+        points_left -= int(hit.sum())
+        keep = (~hit[s["point"]]).nonzero().squeeze(1)
+        for k, v in s.items():
+            if v is not None:
+                s[k] = v[keep]
+        eps_b = C.subset_step_budget(eps_b, keep)
+        return keep.numel()
+
+    every = _exit_every(x.device)
+    points_left = n_points
+    left = drop_broken()
     marks, last_mark = set(checkpoints(steps)), 0
     for i in range(steps):
-        buf.copy_(x_adv)
-        pgd_step_(buf, x, grad, eps, step, norm=norm)  # z = P(x_k + eta s(grad))
+        if left == 0:
+            if progress is not None:
+                progress.update((steps - i) * runs_per_row_block, left=0)
+            break
+        xa, xp, g = s["x_adv"], s["x_prev"], s["grad"]
+        buf = xa.clone()
+        C.fused_step_(buf, s["x"], g, eps_b, (0.0, s["step"]), norm)  # z = P(x_k + eta s(grad))
         if i > 0:
             # x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}) = a z + 2 (1 - a) x_k - (1 - a) x_{k-1}
-            buf.mul_(MOMENTUM).add_(x_adv, alpha=2.0 * (1.0 - MOMENTUM)).add_(x_prev, alpha=-(1.0 - MOMENTUM))
-            pgd_step_(buf, x, zero, eps, 0.0, norm=norm)  # projection only
-        x_prev, x_adv, buf = x_adv, buf, x_prev
-        logits, loss, grad = C.input_grad(model, x_adv, y, loss_fn)
-        newly = (logits.argmax(dim=1) != y) & ~fooled
-        torch.where(newly.view(bview), x_adv, x_found, out=x_found)
-        fooled |= newly
-        increases += (loss > loss_prev).float()
-        loss_prev = loss
-        better = loss > loss_best
-        torch.where(better.view(bview), x_adv, x_best, out=x_best)
-        torch.where(better.view(bview), grad, grad_best, out=grad_best)
-        loss_best = torch.where(better, loss, loss_best)
+            buf.mul_(MOMENTUM).add_(xa, alpha=2.0 * (1.0 - MOMENTUM)).add_(xp, alpha=-(1.0 - MOMENTUM))
+            C.fused_step_(buf, s["x"], torch.zeros_like(buf), eps_b, (0.0, None), norm)  # projection only
+        s["x_prev"], s["x_adv"] = xa, buf
+        logits, loss, grad = grad_at(buf, s["y"], s["aux"])
+        s["grad"] = grad
+        newly = (logits.argmax(dim=1) != s["y"]) & ~s["fooled"]
+        s["x_found"] = torch.where(newly.view(bview), buf, s["x_found"])
+        s["fooled"] = s["fooled"] | newly
+        s["increases"] += (loss > s["loss_prev"]).float()
+        s["loss_prev"] = loss
+        better = loss > s["loss_best"]
+        s["x_best"] = torch.where(better.view(bview), buf, s["x_best"])
+        s["grad_best"] = torch.where(better.view(bview), grad, s["grad_best"])
+        s["loss_best"] = torch.where(better, loss, s["loss_best"])
         if i + 1 in marks:
             k = i + 1 - last_mark
-            reduce = (increases < RHO * k) | (~reduced_last & (loss_best <= loss_best_last))
-            step = torch.where(reduce, 0.5 * step, step)
+            reduce = (s["increases"] < RHO * k) | (~s["reduced_last"] & (s["loss_best"] <= s["loss_best_last"]))
+            s["step"] = torch.where(reduce, 0.5 * s["step"], s["step"])
             rv = reduce.view(bview)
-            torch.where(rv, x_best, x_adv, out=x_adv)
-            torch.where(rv, grad_best, grad, out=grad)
-            loss_prev = torch.where(reduce, loss_best, loss_prev)
-            reduced_last = reduce
-            loss_best_last = loss_best.clone()
-            increases.zero_()
+            s["x_adv"] = torch.where(rv, s["x_best"], s["x_adv"])
+            s["grad"] = torch.where(rv, s["grad_best"], s["grad"])
+            s["loss_prev"] = torch.where(reduce, s["loss_best"], s["loss_prev"])
+            s["reduced_last"] = reduce
+            s["loss_best_last"] = s["loss_best"].clone()
+            s["increases"].zero_()
             last_mark = i + 1
-    x_out = torch.where(fooled.view(bview), x_found, x_best)
-    return x_out, fooled
+        if (i + 1) % every == 0 or i + 1 == steps:
+            left = drop_broken()
+        if progress is not None:
+            progress.update(runs_per_row_block, left=points_left)
+    if left > 0:
+        last = _last_row(s["point"], torch.ones_like(s["fooled"]), n_points)
+        hit = last >= 0
+        out[hit] = s["x_best"][last[hit]]
+    return out, out_fooled
 
 
 def _targets(logits: torch.Tensor, rank: int) -> torch.Tensor:
@@ -103,11 +178,29 @@ def _targets(logits: torch.Tensor, rank: int) -> torch.Tensor:
     return logits.topk(rank, dim=1).indices[:, rank - 1]
 
 
-def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, generator, clean_logits=None):
+def _loss3(name):
+    """The named loss as loss(logits, y, aux); aux carries the targets of dlr-t."""
+    if name == "dlr-t":
+        return C.dlr_targeted_loss
+    base = C.resolve_loss(name, allowed=C.LOSSES)
+    return lambda z, yy, _aux: base(z, yy)
+
+
+def n_runs(loss, restarts, n_target_classes) -> int:
+    """How many APGD runs ``_apgd`` makes at most (for progress totals)."""
+    return restarts * (n_target_classes if loss == "dlr-t" else 1)
+
+
+def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, generator, clean_logits=None,
+          x_start=None, progress=None, max_rows=None):
     """APGD on validated inputs (model in eval mode). Returns (x_adv, fooled).
 
     Only samples classified correctly are attacked; every restart (and every target of
-    dlr-t) runs only on the samples not yet fooled."""
+    dlr-t) runs only on the samples not yet fooled. Runs are stacked into one batch of at
+    most ``max_rows`` rows (default: len(x)), so that when few points remain, several of
+    their targets or restarts run side by side instead of one after another; a point leaves
+    all its runs once one breaks it. x_start (optional) replaces the random start of the
+    first run. progress: a StageProgress over n_runs(...) * steps iterations."""
     x = x.detach()
     if clean_logits is None:
         with torch.no_grad():
@@ -115,24 +208,33 @@ def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, ge
     fooled = clean_logits.argmax(dim=1) != y
     out = x.clone()
     if loss == "dlr-t":
-        runs = [(rank, r) for rank in range(2, n_target_classes + 2) for r in range(restarts)]
+        runs = [rank for rank in range(2, n_target_classes + 2) for _ in range(restarts)]
     else:
-        runs = [(None, r) for r in range(restarts)]
-    base_loss = C.resolve_loss(loss, allowed=C.LOSSES)
-    for rank, _ in runs:
+        runs = [None] * restarts
+    loss_fn = _loss3(loss)
+    max_rows = x.shape[0] if max_rows is None else max(int(max_rows), 1)
+    k = 0
+    while k < len(runs):
         idx = (~fooled).nonzero().squeeze(1)
         if idx.numel() == 0:
+            if progress is not None:
+                progress.update((len(runs) - k) * steps, left=0)
             break
+        g = 1 if (x_start is not None and k == 0) else max(1, min(len(runs) - k, max_rows // idx.numel()))
+        group = runs[k:k + g]
         xs, ys = x[idx], y[idx]
-        if rank is None:
-            loss_fn = base_loss
-        else:
-            tgt = _targets(clean_logits[idx], rank)
-            loss_fn = (lambda t: (lambda z, yy: C.dlr_targeted_loss(z, yy, t)))(tgt)
-        x_run, f_run = _apgd_run(model, xs, ys, eps=C.subset_budget(eps, idx), steps=steps, norm=norm,
-                                 loss_fn=loss_fn, generator=generator)
+        rep = (g,) + (1,) * (x.dim() - 1)
+        aux = None if group[0] is None else torch.cat([_targets(clean_logits[idx], rank) for rank in group])
+        e = C.subset_budget(eps, idx)
+        start = x_start[idx] if (x_start is not None and k == 0) else None
+        x_run, f_run = _apgd_run(model, xs.repeat(rep), ys.repeat(g), eps=e.repeat(g) if isinstance(e, torch.Tensor)
+                                 else e, steps=steps, norm=norm, loss_fn=loss_fn, generator=generator, aux=aux,
+                                 x_start=start, progress=progress,
+                                 point=torch.arange(idx.numel(), device=x.device).repeat(g), n_points=idx.numel(),
+                                 runs_per_row_block=g)
         out[idx] = x_run
         fooled[idx] = f_run
+        k += g
     return out, fooled
 
 
@@ -154,14 +256,10 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_t
     Returns adversarial inputs: the first misclassified iterate found per sample, else the
     highest-loss point of the last run; samples misclassified at x are returned as x.
     """
-    C.check_model(model)
-    C.check_images(x)
-    y = C.check_labels(y, x)
-    eps = C.check_budget(eps, x)
+    y, eps, norm = C.validate_attack(model, x, y, eps=eps, norm=norm)
     steps = C.check_positive_int(steps, name="steps")
     restarts = C.check_positive_int(restarts, name="restarts")
     n_target_classes = C.check_positive_int(n_target_classes, name="n_target_classes")
-    norm = C.check_norm(norm)
     if not isinstance(loss, str) or loss not in C.LOSSES:
         raise ValueError(f"loss must be one of {C.LOSSES}, got {loss!r}")
     gen = C.make_generator(seed, x.device)

@@ -17,11 +17,7 @@ def fgsm(model, x, y, *, eps, norm="linf"):
     linf: x + eps * sign(grad); l2: x + eps * grad / ||grad||; clipped to [0, 1].
     eps: a float or a length-B tensor. Returns the adversarial inputs (detached).
     """
-    C.check_model(model)
-    C.check_images(x)
-    y = C.check_labels(y, x)
-    eps = C.check_budget(eps, x)
-    norm = C.check_norm(norm)
+    y, eps, norm = C.validate_attack(model, x, y, eps=eps, norm=norm)
     if x.shape[0] == 0:
         return x.detach().clone()
     with C.eval_mode(model):
@@ -36,12 +32,15 @@ def fgsm(model, x, y, *, eps, norm="linf"):
 def _pgd_run(model, x, y, *, eps, alpha, steps, norm, loss_fn, x_start, score=True):
     """One PGD run from ``x_start`` (updated in place); samples misclassified at the current
     iterate are frozen. Returns (x_adv, fooled, final_loss), the last two None unless
-    ``score`` (one more forward pass). No host sync inside the loop."""
+    ``score`` (one more forward pass). The budgets are validated once, before the loop, so
+    the loop never waits on the device."""
     x_adv = x_start
+    eps_b = C.step_budget(eps, x, round_down=True)
+    alpha_b = C.step_budget(alpha, x, round_down=False)
     for _ in range(steps):
         logits, _, grad = C.input_grad(model, x_adv, y, loss_fn)
         active = logits.argmax(dim=1) == y
-        pgd_step_(x_adv, x, grad, eps, alpha, norm=norm, active=active)
+        C.fused_step_(x_adv, x, grad, eps_b, alpha_b, norm, active=active)
     if not score:
         return x_adv, None, None
     with torch.no_grad():
@@ -103,14 +102,10 @@ def pgd(model, x, y, *, eps, alpha, steps, norm="linf", loss="ce", restarts=1, r
     Per sample the worst case over restarts is kept: a misclassified point if any run
     found one, else the point of highest final loss. Returns the adversarial inputs.
     """
-    C.check_model(model)
-    C.check_images(x)
-    y = C.check_labels(y, x)
-    eps = C.check_budget(eps, x)
+    y, eps, norm = C.validate_attack(model, x, y, eps=eps, norm=norm)
     alpha = C.check_budget(alpha, x, name="alpha")
     steps = C.check_positive_int(steps, name="steps")
     restarts = C.check_positive_int(restarts, name="restarts")
-    norm = C.check_norm(norm)
     loss_fn = C.resolve_loss(loss)
     gen = C.make_generator(seed, x.device)
     if x.shape[0] == 0:

@@ -13,10 +13,8 @@ Binary-search threshold theta = gamma / d^(3/2) (l2) or gamma / d^2 (linf), d = 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from . import _common as C
 
@@ -153,7 +151,12 @@ def _hsj(model, x, y, *, norm, steps, init_evals, max_evals, gamma, init_tries, 
         xb, db = _binary_search(oracle, x[idx], y[idx], x_adv[idx], norm, theta, bview)
         x_adv[idx], dist[idx] = xb, db
     eps_vec = None if eps is None else C.budget_vector(eps, x.shape[0], x.device)
-    bar = tqdm(range(1, steps + 1), desc="hop_skip_jump", disable=not progress, leave=False)
+    if progress:
+        from tqdm.auto import tqdm  # imported only here: `import drp_kernels` does not need tqdm
+
+        bar = tqdm(range(1, steps + 1), desc="hop_skip_jump", leave=False)
+    else:
+        bar = range(1, steps + 1)
     for t in bar:
         todo = found if eps_vec is None else found & (dist > eps_vec)  # done once within the budget
         idx = todo.nonzero().squeeze(1)
@@ -184,7 +187,8 @@ def _hsj(model, x, y, *, norm, steps, init_evals, max_evals, gamma, init_tries, 
         keep = db < da  # never accept a step that moved away from x
         x_adv[idx] = torch.where(keep.view(bview), xb, xa)
         dist[idx] = torch.where(keep, db, da)
-    bar.close()
+    if progress:
+        bar.close()
     return x_adv, found, dist
 
 
@@ -208,10 +212,7 @@ def hop_skip_jump(model, x, y, *, norm="l2", steps=40, init_evals=100, max_evals
     Returns the adversarial inputs: the closest adversarial point found per sample, or x
     where none was found (or, with eps, none within eps). Misclassified samples return x.
     """
-    C.check_model(model)
-    C.check_images(x)
-    y = C.check_labels(y, x)
-    norm = C.check_norm(norm)
+    y, _, norm = C.validate_attack(model, x, y, norm=norm)
     steps = C.check_positive_int(steps, name="steps")
     init_evals = C.check_positive_int(init_evals, name="init_evals")
     max_evals = C.check_positive_int(max_evals, name="max_evals")

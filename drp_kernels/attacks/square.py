@@ -6,7 +6,10 @@ and then, one query per iteration, proposes to overwrite a random s x s window o
 channel with a random +/- eps, keeping the proposal when the margin loss
 z_y - max_{i != y} z_i decreases. The window's area fraction p starts at p_init and is
 halved at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10000-query run
-(rescaled to the budget). Only samples still classified correctly are queried.
+(rescaled to the budget). Only samples still classified correctly are queried: a broken
+sample leaves the working batch at once (on an accelerator within 10 queries, so that the
+loop waits on the device only once per 10 queries). The search runs under
+``torch.inference_mode``.
 """
 from __future__ import annotations
 
@@ -32,33 +35,51 @@ def _rand_sign(shape, generator, device):
     return torch.randint(0, 2, shape, generator=generator, device=device).mul_(2).sub_(1)
 
 
-@torch.no_grad()
-def _square(model, x, y, *, eps, queries, p_init, generator, clean_logits=None):
-    """Square attack on validated NCHW inputs (model in eval mode). Returns (x_adv, fooled)."""
-    n, c, h, w = x.shape
+def _exit_every(device) -> int:
+    """How often broken points leave the working batch: every query on the CPU, every 10 on
+    an accelerator (the check is a host sync)."""
+    return 1 if device.type == "cpu" else 10
+
+
+def _square(model, x, y, *, eps, queries, p_init, generator, clean_logits=None, progress=None):
+    """Square attack on validated NCHW inputs (model in eval mode). Returns (x_adv, fooled).
+
+    Query-only, so it runs under ``torch.inference_mode``; the returned tensors are
+    ordinary ones. progress: a StageProgress over ``queries`` iterations."""
+    with torch.inference_mode():
+        x_best, fooled = _square_search(model, x, y, eps=eps, queries=queries, p_init=p_init,
+                                        generator=generator, clean_logits=clean_logits, progress=progress)
+    return x_best.clone(), fooled.clone()
+
+
+def _square_search(model, x, y, *, eps, queries, p_init, generator, clean_logits, progress):
+    _, c, h, w = x.shape
     dev = x.device
     ev = C.budget_view(eps, x)
     if clean_logits is None:
         clean_logits = model(x)
     marg = C.margin(clean_logits, y)
-    x_best = x.clone()
+    out = x.clone()
     # the initial point: vertical stripes, queried for the correct samples only (query 1)
     idx = (marg > 0).nonzero().squeeze(1)
     if idx.numel() > 0:
         stripes = _rand_sign((idx.numel(), c, 1, w), generator, dev).to(x.dtype)
         x_init = (x[idx] + ev[idx] * stripes).clamp(0.0, 1.0)
-        m_init = C.margin(model(x_init), y[idx])
-        x_best[idx] = x_init
-        marg[idx] = m_init
+        out[idx] = x_init
+        marg[idx] = C.margin(model(x_init), y[idx])
+    # the working set: only points still classified correctly, compacted when some break
+    orig = (marg > 0).nonzero().squeeze(1)
+    xc, xb, ec, yc, mc = x[orig], out[orig], ev[orig], y[orig], marg[orig]
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     side_max = max(min(h, w) - 1, 1)
+    every = _exit_every(dev)
     for it in range(1, queries):
-        idx = (marg > 0).nonzero().squeeze(1)  # one host sync per query: the active set
-        k = idx.numel()
+        k = xc.shape[0]
         if k == 0:
+            if progress is not None:
+                progress.update(queries - it, left=0)
             break
-        xc, xb, ec = x[idx], x_best[idx], ev[idx]
         p = p_schedule(p_init, it, queries)
         s = min(max(int(round(math.sqrt(p * h * w))), 1), side_max)
         vh = torch.randint(0, h - s + 1, (k,), generator=generator, device=dev)
@@ -70,13 +91,25 @@ def _square(model, x, y, *, eps, queries, p_init, generator, clean_logits=None):
         x_new = torch.where(window, (xc + ec * signs).clamp(0.0, 1.0), xb)
         # a proposal equal to the current point wastes the query: flip channel 0's sign there
         same = (x_new == xb).flatten(1).all(dim=1)
-        signs[:, 0] = torch.where(same[:, None, None], -signs[:, 0], signs[:, 0])
-        x_new = torch.where(window, (xc + ec * signs).clamp(0.0, 1.0), xb)
-        m_new = C.margin(model(x_new), y[idx])
-        improved = m_new < marg[idx]
-        x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, xb)
-        marg[idx] = torch.where(improved, m_new, marg[idx])
-    return x_best, marg <= 0
+        if dev.type != "cpu" or bool(same.any()):
+            signs[:, 0] = torch.where(same[:, None, None], -signs[:, 0], signs[:, 0])
+            x_new = torch.where(window, (xc + ec * signs).clamp(0.0, 1.0), xb)
+        m_new = C.margin(model(x_new), yc)
+        improved = m_new < mc
+        xb = torch.where(improved.view(-1, 1, 1, 1), x_new, xb)
+        mc = torch.where(improved, m_new, mc)
+        if it % every == 0 or it + 1 == queries:
+            broken = mc <= 0
+            if bool(broken.any()):
+                out[orig[broken]] = xb[broken]
+                marg[orig[broken]] = mc[broken]
+                keep = (~broken).nonzero().squeeze(1)
+                orig, xc, xb, ec, yc, mc = orig[keep], xc[keep], xb[keep], ec[keep], yc[keep], mc[keep]
+        if progress is not None:
+            progress.update(1, left=xc.shape[0])
+    out[orig] = xb
+    marg[orig] = mc
+    return out, marg <= 0
 
 
 def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=0):
@@ -88,10 +121,7 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=0):
     its margin z_y - max_{i != y} z_i is <= 0 (ties count as errors, like AutoAttack).
     Returns the adversarial inputs.
     """
-    C.check_model(model)
-    C.check_images(x, nchw=True)
-    y = C.check_labels(y, x)
-    eps = C.check_budget(eps, x)
+    y, eps, _ = C.validate_attack(model, x, y, eps=eps, nchw=True)
     queries = C.check_positive_int(queries, name="queries")
     if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0.0 < p_init <= 1.0:
         raise ValueError(f"p_init must be a float in (0, 1], got {p_init!r}")

@@ -2,19 +2,27 @@
 
 The classifier comes from `drp_train.checkpoint.load_classifier`, the test points
 from the dataset named in the checkpoint's config, and the numbers from
-`drp_kernels.attacks.accuracy_vs_eps` (the quick or the standard suite).
+`drp_kernels.attacks.accuracy_vs_eps`: the quick or the standard suite, and for a DRP
+checkpoint also the paper's own protocol ("paper", "paper-100"), side by side when
+several suites are given.
 """
-import json
-import math
 import os
-import tempfile
 import time
 
 import torch
 
 from drp_kernels import attacks
 
-from .errors import CLIError
+from ._cli_utils import (
+    PLOT_SUFFIXES,
+    check_eps_list,
+    check_output_path as _check_output_path,
+    cli_error as _cli_error,
+    one_line as _one_line,
+    parse_eps,
+    pick_device,
+    write_json_atomic,
+)
 
 __all__ = [
     "add_eval_arguments",
@@ -23,28 +31,34 @@ __all__ = [
     "resolve_checkpoint",
     "load_eval_data",
     "format_eval_table",
-    "write_json_atomic",
-    "pick_device",
     "SUITES",
+    "PAPER_SUITES",
+    "DECISIONS",
 ]
 
-SUITES = ("quick", "standard")
-
-def _cli_error(message):
-    return CLIError(message)
-
+SUITES = ("quick", "standard")  # the suites for any classifier
+PAPER_SUITES = ("paper", "paper-100")  # the DRP paper's attack: ProtoClassifier checkpoints only
+DECISIONS = ("nearest", "paper")
 
 def add_eval_arguments(parser):
     """Add the `drp eval` options to an argparse (sub)parser."""
     parser.add_argument("--checkpoint", required=True, metavar="DIR_OR_FILE",
                         help="a checkpoint written by `drp train`, or its --out folder")
-    parser.add_argument("--eps", type=float, nargs="+", required=True, metavar="E",
+    parser.add_argument("--eps", type=parse_eps, nargs="+", required=True, metavar="E",
                         help="L-inf radii to evaluate, e.g. --eps 0.05 0.1 0.2")
-    parser.add_argument("--suite", choices=SUITES, default="standard",
-                        help="attack suite (default: standard)")
+    parser.add_argument("--suite", choices=SUITES + PAPER_SUITES, nargs="+", default=["standard"],
+                        metavar="SUITE",
+                        help="attack suites, reported side by side: standard (APGD-CE, APGD-T, Square), "
+                             "quick, and for DRP checkpoints paper / paper-100 (the paper's PGD-20 / PGD-100 "
+                             "on the distance to the true prototype); e.g. --suite paper standard "
+                             "(default: standard)")
+    parser.add_argument("--decision", choices=DECISIONS, default=None,
+                        help="DRP checkpoints: the decision rule to evaluate, nearest prototype or the "
+                             "paper's normalised dot product (default: the checkpoint's, nearest)")
     parser.add_argument("--limit", type=int, default=1000, metavar="N",
                         help="evaluate the first N test points (default: 1000)")
-    parser.add_argument("--json", required=True, metavar="FILE", help="write the results to this JSON file")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the results to this JSON file (the table always goes to stdout)")
     parser.add_argument("--plot", default=None, metavar="FILE", help="also write an accuracy-vs-eps PNG")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="attack batch size (default: the attack engine's)")
@@ -52,61 +66,11 @@ def add_eval_arguments(parser):
                         help="dataset folder (default: the checkpoint's, then the standard location)")
     parser.add_argument("--seed", type=int, default=0, help="attack seed (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the attacks on torch.compile(model) (opt-in: on a CPU the compile time "
+                             "did not pay for the small CNN)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
-
-
-def pick_device(name):
-    """`name` as a torch.device, or cuda when available and cpu otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise _cli_error(f"--device: expected a torch device such as cpu or cuda, got {name!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _cli_error(f"--device: {name!r} was asked for but CUDA is not available on this machine")
-    return dev
-
-
-def write_json_atomic(obj, path):
-    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _check_output_path(path, option):
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise _cli_error(f"{option}: {path!r} is a folder; expected a file name")
-    if not os.path.isdir(folder):
-        raise _cli_error(f"{option}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise _cli_error(f"{option}: folder {folder!r} is not writable")
-
-
-def check_eps_list(eps, option="--eps"):
-    """Validate a list of L-inf radii for [0, 1] inputs; returns them as floats."""
-    if not eps:
-        raise _cli_error(f"{option}: expected at least one eps")
-    out = []
-    for e in eps:
-        e = float(e)
-        if not math.isfinite(e) or e < 0 or e > 1:
-            raise _cli_error(f"{option}: expected eps in [0, 1] (inputs live in [0, 1]), got {e:g}")
-        out.append(e)
-    return out
 
 
 def resolve_checkpoint(path):
@@ -139,11 +103,6 @@ def _load(path):
     return model, ckpt, config
 
 
-def _one_line(exc):
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
-
-
 def load_eval_data(dataset, *, data_dir=None, limit=None):
     """The first `limit` test points of `dataset` as float [0, 1] inputs and int64 labels."""
     from .data import DatasetError, load_dataset
@@ -156,18 +115,20 @@ def load_eval_data(dataset, *, data_dir=None, limit=None):
 
 
 def evaluate_model(model, x, y, *, eps_list, suite="standard", batch_size=None, seed=0, device=None,
-                   progress=True):
-    """Run `attacks.accuracy_vs_eps` and return its result in the `drp eval` JSON schema.
+                   progress=True, compile=False):
+    """Run `attacks.accuracy_vs_eps` (monotone in eps) and return its result in the `drp eval`
+    JSON schema.
 
     Each entry of "results" holds exactly eps, robust_accuracy, per_attack and flags.
-    Also returned: "flags" (the curve-level checks: model sanity, chance at large eps,
-    accuracy rising with eps), "timings" (seconds per attack, one dict per eps) and
-    "eval_time_s" (wall time of the whole evaluation).
+    Also returned: "flags" (the run-level checks: model sanity, chance at large eps),
+    "timings" (seconds per attack, one dict per eps) and "eval_time_s" (wall time of the
+    whole evaluation).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
-    kwargs = {"eps_list": list(eps_list), "suite": suite, "seed": seed, "progress": progress}
+    kwargs = {"eps_list": list(eps_list), "suite": suite, "seed": seed, "progress": progress,
+              "compile": bool(compile)}
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     t0 = time.perf_counter()
@@ -186,9 +147,10 @@ def evaluate_model(model, x, y, *, eps_list, suite="standard", batch_size=None, 
             "flags": [str(f) for f in raw.get("flags", [])], "timings": timings, "eval_time_s": elapsed}
 
 
-def format_eval_table(result):
-    """A short plain-text table of one `evaluate_model` result."""
-    lines = [f"clean accuracy: {100 * result['clean_accuracy']:.2f}%",
+def format_eval_table(result, *, suite=None):
+    """A short plain-text table of one `evaluate_model` result (headed by its suite if given)."""
+    lines = [] if suite is None else [f"suite {suite}:"]
+    lines += [f"clean accuracy: {100 * result['clean_accuracy']:.2f}%",
              f"{'eps':>8}  {'robust':>8}  after each attack (cumulative)"]
     for r in result["results"]:
         stages = " -> ".join(f"{k} {100 * v:.1f}%" for k, v in r["per_attack"].items()) or "-"
@@ -200,8 +162,31 @@ def format_eval_table(result):
     return "\n".join(lines)
 
 
+def _portable_path(path):
+    """`path` relative to the working directory, or `<run folder>/<file>` when it lies outside
+    it: results never carry an absolute path of the machine that made them."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, os.getcwd())
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return os.path.join(os.path.basename(os.path.dirname(full)), os.path.basename(full))
+    return rel
+
+
+def _check_suites(suites, model, config):
+    suites = list(dict.fromkeys(suites))  # in the given order, each once
+    import drp_kernels
+
+    if any(s in PAPER_SUITES for s in suites) and not isinstance(model, drp_kernels.ProtoClassifier):
+        raise _cli_error(f"--suite {' '.join(s for s in suites if s in PAPER_SUITES)}: the paper's attack needs a "
+                         f"DRP checkpoint (a prototype classifier); this one was trained with method "
+                         f"{config.get('method')!r}")
+    return suites
+
+
 def run_eval(args):
     """`drp eval`: returns the exit code (0); misuse raises CLIError."""
+    import drp_kernels
+
     eps_list = check_eps_list(args.eps)
     if args.limit is None or args.limit < 1:
         raise _cli_error(f"--limit: expected a number of test points >= 1, got {args.limit}")
@@ -209,44 +194,70 @@ def run_eval(args):
         raise _cli_error(f"--batch-size: expected >= 1, got {args.batch_size}")
     if args.seed < 0:
         raise _cli_error(f"--seed: expected an integer >= 0, got {args.seed}")
-    _check_output_path(args.json, "--json")
+    if args.json is not None:
+        _check_output_path(args.json, "--json")
     if args.plot is not None:
-        _check_output_path(args.plot, "--plot")
+        _check_output_path(args.plot, "--plot", suffixes=PLOT_SUFFIXES)
     device = pick_device(args.device)
     path = resolve_checkpoint(args.checkpoint)
     model, _ckpt, config = _load(path)
+    suites = _check_suites(args.suite, model, config)
+    is_proto = isinstance(model, drp_kernels.ProtoClassifier)
+    decision = getattr(args, "decision", None)
+    if decision is not None:
+        if not is_proto:
+            raise _cli_error(f"--decision: only DRP checkpoints (prototype classifiers) have a decision rule; "
+                             f"this one was trained with method {config.get('method')!r}")
+        model.decision = decision
     data_dir = args.data_dir if args.data_dir is not None else config.get("data_dir")
     x, y = load_eval_data(config["dataset"], data_dir=data_dir, limit=args.limit)
 
-    result = evaluate_model(model, x, y, eps_list=eps_list, suite=args.suite, batch_size=args.batch_size,
-                            seed=args.seed, device=device, progress=not args.quiet)
+    t0 = time.perf_counter()
+    per_suite = {}
+    for suite in suites:
+        per_suite[suite] = evaluate_model(model, x, y, eps_list=eps_list, suite=suite, batch_size=args.batch_size,
+                                          seed=args.seed, device=device, progress=not args.quiet,
+                                          compile=bool(getattr(args, "compile", False)))
+    elapsed = time.perf_counter() - t0
+    first = per_suite[suites[0]]
     out = {
-        "clean_accuracy": result["clean_accuracy"],
-        "results": result["results"],
-        "flags": result["flags"],
-        "checkpoint": os.path.abspath(path),
+        "clean_accuracy": first["clean_accuracy"],
+        "checkpoint": _portable_path(path),
         "dataset": config["dataset"],
         "method": config.get("method"),
         "metric": config.get("metric"),
         "model": config.get("model"),
-        "suite": args.suite,
+        "decision": model.decision if is_proto else None,
         "n": int(y.shape[0]),
         "seed": args.seed,
         "device": str(device),
-        "timings": result["timings"],
-        "eval_time_s": result["eval_time_s"],
     }
-    write_json_atomic(out, args.json)
+    if len(suites) == 1:
+        out.update({"results": first["results"], "flags": first["flags"], "suite": suites[0],
+                    "timings": first["timings"], "eval_time_s": first["eval_time_s"]})
+    else:
+        out.update({"suite": suites, "suites": per_suite, "eval_time_s": elapsed})
+    if args.json is not None:
+        write_json_atomic(out, args.json)
+    name = config.get("method") or "model"
+    if config.get("method") == "drp" and config.get("metric"):
+        name = f"drp-{config['metric']}"
+    if is_proto and model.decision != "nearest":
+        name += f", {model.decision} decision"
     if args.plot is not None:
         from .plots import plot_accuracy_vs_eps
 
-        name = config.get("method") or "model"
-        if config.get("method") == "drp" and config.get("metric"):
-            name = f"drp-{config['metric']}"
-        plot_accuracy_vs_eps({name: result}, args.plot,
-                             title=f"{config['dataset']}: accuracy against eps ({args.suite} suite, n={out['n']})")
-    print(f"{os.path.abspath(path)}: {config['dataset']}, {out['n']} test points, {args.suite} suite, "
-          f"{result['eval_time_s']:.1f} s")
-    print(format_eval_table(result))
-    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+        curves = {(name if len(suites) == 1 else f"{name} ({s})"): r for s, r in per_suite.items()}
+        plot_accuracy_vs_eps(curves, args.plot, n=out["n"],
+                             title=f"{config['dataset']}: accuracy against eps ({' vs '.join(suites)} suite"
+                                   f"{'s' if len(suites) > 1 else ''}, n={out['n']})")
+    print(f"{out['checkpoint']}: {name}, {config['dataset']}, {out['n']} test points, "
+          f"{', '.join(suites)} suite{'s' if len(suites) > 1 else ''}, {elapsed:.1f} s")
+    for i, (suite, result) in enumerate(per_suite.items()):
+        if i:
+            print()
+        print(format_eval_table(result, suite=suite if len(suites) > 1 else None))
+    written = [f for f in (args.json, args.plot) if f is not None]
+    if written:
+        print("wrote " + " and ".join(written))
     return 0
