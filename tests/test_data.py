@@ -1,17 +1,17 @@
 """drp_train.data: IDX and CIFAR loaders, the restricted unpickler, augmentation.
 
-Also provides ``make_idx_dataset`` / ``make_cifar_dataset`` (tiny synthetic datasets in
-the real on-disk formats) to the other drp_train test files.
+Also provides ``make_cifar_dataset`` (a tiny synthetic dataset in the real on-disk format);
+``make_idx_dataset`` lives in tests/_helpers.py.
 """
 import gzip
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import idx_bytes, make_idx_dataset
 from drp_train import data as D
 from drp_train.errors import DatasetError
 
@@ -19,35 +19,6 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 # ----------------------------------------------------------------------------- writers
-def _idx_bytes(array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
-
-
-def make_idx_dataset(folder, *, n_train=256, n_test=128, seed=0, gz=True):
-    """Write a learnable 10-class 28x28 dataset as IDX files; return (folder, arrays)."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(y):  # a bright bar whose row depends on the class
-            x[i, 2 + 2 * k:4 + 2 * k, 4:24] = 230
-        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
-            raw = _idx_bytes(arr)
-            name = f"{prefix}-{kind}-ubyte"
-            if gz:
-                with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
-                    f.write(raw)
-            else:
-                with open(os.path.join(folder, name), "wb") as f:
-                    f.write(raw)
-        out[prefix] = (x, y)
-    return folder, out
-
-
 def _cifar_batch(rng, n, *, label_key, classes):
     return {
         b"batch_label": b"synthetic batch",
@@ -146,10 +117,10 @@ def test_idx_bad_gzip_and_mismatched_counts(tmp_path):
     with pytest.raises(DatasetError, match="not a valid gzip file"):
         D.load_dataset("fashion-mnist", data_dir=folder)
     folder2, _ = make_idx_dataset(str(tmp_path / "e"), n_train=20, n_test=5)
-    _write(os.path.join(folder2, "train-labels-idx1-ubyte.gz"), _idx_bytes(np.zeros(19, np.uint8)), True)
+    _write(os.path.join(folder2, "train-labels-idx1-ubyte.gz"), idx_bytes(np.zeros(19, np.uint8)), True)
     with pytest.raises(DatasetError, match="20 images but .* 19 labels"):
         D.load_dataset("fashion-mnist", data_dir=folder2)
-    _write(os.path.join(folder2, "train-labels-idx1-ubyte.gz"), _idx_bytes(np.full(20, 10, np.uint8)), True)
+    _write(os.path.join(folder2, "train-labels-idx1-ubyte.gz"), idx_bytes(np.full(20, 10, np.uint8)), True)
     with pytest.raises(DatasetError, match="outside 0..9"):
         D.load_dataset("fashion-mnist", data_dir=folder2)
 

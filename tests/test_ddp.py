@@ -15,7 +15,9 @@ import torch
 from drp_train import load_checkpoint
 from drp_train.config import TrainConfig
 from drp_train.train import train
-from test_data import make_idx_dataset
+from _helpers import make_idx_dataset
+
+pytestmark = pytest.mark.slow  # trains several runs each
 
 
 @pytest.mark.parametrize("method", ["ce", "drp"])

@@ -1,33 +1,14 @@
-"""drp_train.plots on synthetic data: valid PNGs, atomic writes, PCA, bad input."""
+"""drp_train.plots on synthetic data: valid PNGs, atomic writes, PCA, intervals, bad input."""
+import math
 import os
-import struct
+import stat
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import assert_png
 from drp_train import plots
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(path):
-    """(width, height) of a PNG file, checking its signature and IHDR chunk."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
-
-
-def assert_png(path, *, min_bytes=5000):
-    assert os.path.isfile(path), path
-    w, h = png_size(path)
-    assert w > 200 and h > 200, (w, h)
-    assert os.path.getsize(path) > min_bytes, os.path.getsize(path)
-    # nothing temporary is left next to it
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp-")]
-
 
 def _curve(clean, robust, eps=(0.05, 0.1, 0.3)):
     return {"clean_accuracy": clean,
@@ -117,3 +98,115 @@ def test_bad_input_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="path"):
         plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.3, 0.05, 0.0])}, tmp_path / "missing" / "a.png")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- what the figures show
+@pytest.fixture
+def captured(monkeypatch):
+    """The figures the plot functions build, kept open instead of written."""
+    figs = []
+
+    def keep(fig, path, **kw):
+        figs.append(fig)
+        return os.fspath(path)
+    monkeypatch.setattr(plots, "save_figure", keep)
+    yield figs
+    for fig in figs:
+        plots.plt.close(fig)
+
+
+def test_one_epoch_curves_show_every_series_and_label_adversarial_training(captured, tmp_path):
+    rows = {"ce": [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_accuracy": 0.82,
+                    "train_on": "clean"}],
+            "pgd-at": [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.6, "test_accuracy": 0.75,
+                        "train_on": "adversarial"}]}
+    plots.plot_training_curves(rows, tmp_path / "c.png")
+    ax_acc = captured[0].axes[0]
+    lines = {line.get_label(): line for line in ax_acc.get_lines()}
+    assert set(lines) == {"ce test", "ce train", "pgd-at test", "pgd-at train (adversarial)"}
+    for label, line in lines.items():
+        # a single point is only visible through its marker
+        assert line.get_marker() not in (None, "None", "", " "), label
+    lo, hi = ax_acc.get_xlim()
+    assert lo < 1 < hi
+
+
+def test_projection_legend_lies_outside_the_data(captured, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(10, 8, generator=g)
+    y = torch.arange(200) % 10
+    z = protos[y] + 0.2 * torch.randn(200, 8, generator=g)
+    plots.plot_projection(z, y, protos, tmp_path / "p.png", "t")
+    fig = captured[0]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    axes_box = ax.get_window_extent()
+    assert legend.x0 >= axes_box.x1, (legend, axes_box)
+
+
+def test_wilson_interval_known_values():
+    # 50 of 100: the textbook 95% Wilson interval is [0.4038, 0.5962], about +-10 points
+    lo, hi = plots.wilson_interval(0.5, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
+    # at the edges it stays inside [0, 1] and does not collapse: 0 of 100 -> [0, 0.037]
+    lo, hi = plots.wilson_interval(0.0, 100)
+    assert lo == pytest.approx(0.0, abs=1e-12) and round(hi, 4) == 0.037
+    lo, hi = plots.wilson_interval(1.0, 100)
+    assert round(lo, 4) == 0.963 and hi == pytest.approx(1.0, abs=1e-12)
+    # the half-width is the normal-approximation one, shrunk towards 1/2, and falls as 1/sqrt(n)
+    for n in (100, 400, 10000):
+        lo, hi = plots.wilson_interval(0.9, n)
+        z = 1.959963984540054
+        centre = (0.9 + z * z / (2 * n)) / (1 + z * z / n)
+        assert math.isclose((lo + hi) / 2, centre, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="n"):
+        plots.wilson_interval(0.5, 0)
+
+
+def test_accuracy_vs_eps_shows_intervals_and_a_per_255_axis(captured, tmp_path):
+    curve = _curve(0.9, [0.5, 0.2, 0.0])
+    plots.plot_accuracy_vs_eps({"ce": curve}, tmp_path / "a.png", n=100)
+    ax = captured[0].axes[0]
+    # one error bar per point (clean at eps 0 plus three eps), spanning the Wilson interval
+    bars = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1
+    segments = bars[0].lines[2][0].get_segments()
+    assert len(segments) == 4
+    by_eps = {round(float(seg[0][0]), 6): (seg[0][1], seg[1][1]) for seg in segments}
+    lo, hi = plots.wilson_interval(0.5, 100)
+    assert by_eps[0.05] == pytest.approx((100 * lo, 100 * hi))
+    # the secondary axis reads eps in /255 steps
+    top = [child for child in ax.child_axes]
+    assert top and "255" in top[0].get_xlabel()
+    assert top[0]._functions[0](8 / 255) == pytest.approx(8.0)
+    # without n there are no intervals
+    plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.5, 0.2, 0.0])}, tmp_path / "b.png")
+    assert not [c for c in captured[1].axes[0].containers if c.__class__.__name__ == "ErrorbarContainer"]
+
+
+@pytest.mark.parametrize("name, magic", [("a.jpg", b"\xff\xd8\xff"), ("a.jpeg", b"\xff\xd8\xff"),
+                                         ("a.pdf", b"%PDF"), ("a.svg", b"<?xml")])
+def test_figures_are_written_in_the_format_their_name_says(tmp_path, name, magic):
+    path = tmp_path / name
+    plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.3, 0.05, 0.0])}, path)
+    assert path.read_bytes()[:len(magic)] == magic
+
+
+def test_unknown_figure_type_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"\.png"):
+        plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.3, 0.05, 0.0])}, tmp_path / "a.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_figures_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "a.png"
+        plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.3, 0.05, 0.0])}, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        plots.plot_accuracy_vs_eps({"ce": _curve(0.9, [0.3, 0.05, 0.0])}, tmp_path / "b.png")
+        assert stat.S_IMODE((tmp_path / "b.png").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

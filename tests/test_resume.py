@@ -20,9 +20,11 @@ from drp_train import load_checkpoint
 from drp_train import train as train_mod
 from drp_train.config import TrainConfig
 from drp_train.train import train
-from test_data import make_idx_dataset
+from _helpers import make_idx_dataset
 
 TIME_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
+
+pytestmark = pytest.mark.slow  # trains several runs each
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +168,58 @@ def test_sigkill_during_a_checkpoint_write_then_resume(data_dir, tmp_path, refer
     resumed = train(TrainConfig(**opts, out=str(out), quiet=True, resume=True), progress=False)
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     assert_same_run(load_checkpoint(resumed["checkpoint"]), reference("drp"))
+
+
+def test_ctrl_c_saves_the_step_and_resume_is_exact(data_dir, tmp_path, monkeypatch, reference):
+    from drp_train.errors import TrainingInterrupted
+
+    real = train_mod.make_method
+    calls = {"n": 0}
+
+    def interrupting(cfg, **kw):
+        m = real(cfg, **kw)
+        loss = m.loss
+
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 11:  # epoch 2, step 3 (8 steps per epoch): Ctrl-C arrives during the step
+                signal.raise_signal(signal.SIGINT)
+            return loss(*a, **k)
+        m.loss = wrapped
+        return m
+    monkeypatch.setattr(train_mod, "make_method", interrupting)
+    opts = dict(options(data_dir, "drp"), checkpoint_every=0)
+    cfg = TrainConfig(**opts, out=str(tmp_path), quiet=True)
+    with pytest.raises(TrainingInterrupted, match=r"epoch 2 step 3.*--resume --out") as info:
+        train(cfg, progress=False)
+    assert str(tmp_path / "last.pt") in str(info.value)
+    monkeypatch.setattr(train_mod, "make_method", real)
+    saved = load_checkpoint(str(tmp_path / "last.pt"))
+    # the step in flight finished, then the state was saved at the step boundary
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (1, 3, 11)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    resumed = train(TrainConfig(**opts, out=str(tmp_path), quiet=True, resume=True), progress=False)
+    ref = reference("drp")
+    got = load_checkpoint(resumed["checkpoint"])
+    for k in ref["model"]:
+        assert torch.equal(got["model"][k], ref["model"][k]), f"weights {k} differ after Ctrl-C and resume"
+
+
+def test_ctrl_c_in_a_real_process_names_resume(data_dir, tmp_path):
+    opts = dict(options(data_dir, "ce"), checkpoint_every=0)
+    out = tmp_path / "run"
+    proc = _start(opts, out, {"DRP_TRAIN_TEST_STEP_SLEEP": "0.2"})
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
+    time.sleep(0.5)  # a couple of steps into epoch 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    errors = [line for line in err.splitlines() if line.startswith("drp: error:")]
+    assert len(errors) == 1 and "drp train --resume --out" in errors[0], err
+    assert "Traceback" not in err
+    saved = load_checkpoint(str(out / "last.pt"))
+    assert saved["epoch"] == 1 and saved["step"] > 0 and saved["final"] is False
+    assert not (out / "final.pt").exists()

@@ -15,7 +15,7 @@ from drp_train.train import train as run_train
 from drp_train.config import TrainConfig, apply_preset
 from drp_train.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
 from drp_train.models import build_model
-from test_data import make_idx_dataset
+from _helpers import make_idx_dataset
 
 METHODS = ["drp", "ce", "pgd-at", "trades", "fast-at"]
 
@@ -44,7 +44,9 @@ def test_config_plain_data_roundtrip_and_defaults():
     assert math.isclose(r.attack_alpha, 2.5 * 0.1 / 10)
     assert TrainConfig(method="fast-at").resolved().attack_alpha == pytest.approx(0.125)
     assert (TrainConfig().resolved().weight_decay, r.weight_decay) == (5e-5, 5e-4)
-    assert (TrainConfig().resolved().lr, r.lr) == (0.01, 0.05)
+    assert TrainConfig().resolved().proto_method == "box"
+    assert (TrainConfig().resolved().lr, r.lr) == (0.2, 0.05)
+    assert TrainConfig(proto_method="paper").resolved().lr == 0.01  # the paper's unbounded prototypes
     c10 = TrainConfig(dataset="cifar10").resolved()
     assert c10.model == "resnet18" and c10.eps == pytest.approx(8 / 255) and c10.augment is True
     assert TrainConfig(dataset="cifar100").resolved().proto_dim == 500
@@ -103,6 +105,7 @@ def test_build_model_rejects_unknown():
 
 
 # ----------------------------------------------------------------------------- every method
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_round_trips(tiny_dir, tmp_path, method):
     extra = {} if method == "drp" else dict(lr=0.1)
@@ -139,7 +142,7 @@ def test_every_method_trains_and_round_trips(tiny_dir, tmp_path, method):
     acc = (logits.argmax(1) == y).double().mean().item()
     assert acc == pytest.approx(rows[-1]["test_accuracy"], abs=1e-12)
     if method == "drp":
-        # the paper's L-inf prototypes are far apart (|P| up to ~50): a few steps only start the descent
+        # 12 steps on 192 synthetic images: the loss falls; accuracy is not yet meaningful
         assert rows[1]["train_loss"] < rows[0]["train_loss"]
     else:
         assert acc > 0.3, f"{method} did not learn the synthetic task (test accuracy {acc})"
@@ -152,8 +155,12 @@ def test_drp_with_prototype_file_and_cosine(tiny_dir, tmp_path):
     P = drp_kernels.repulsive_prototypes(10, 12, metric="cosine", seed=3)
     path = str(tmp_path / "protos.pt")
     drp_kernels.save_prototypes(P, path)
-    cfg = tiny_cfg(tiny_dir, tmp_path / "run", method="drp", metric="cosine", prototypes=path)
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", method="drp", metric="cosine", prototypes=path, proto_dim=None)
     run_train(cfg, progress=False)
+    # the file's dimension is the run's: recorded in config.json and the checkpoint
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["proto_dim"] == 12
+    with pytest.raises(ConfigError, match="--proto-dim 16 disagrees"):
+        run_train(tiny_cfg(tiny_dir, tmp_path / "run3", metric="cosine", prototypes=path), progress=False)
     clf = drp_train.load_classifier(str(tmp_path / "run"))
     assert clf.metric == "cosine" and torch.equal(clf.prototypes, torch.as_tensor(P, dtype=torch.float32))
     bad = str(tmp_path / "bad.pt")
@@ -268,3 +275,51 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         ckpt_mod.atomic_write(path, boom)
     assert torch.load(path, weights_only=True)["v"] == 1
     assert os.listdir(tmp_path) == ["f.pt"]
+
+
+# ----------------------------------------------------------------------------- timing
+@pytest.mark.slow
+def test_epoch_timing_counts_the_whole_epoch_with_periodic_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    # 6 steps of 32, each followed by a 0.1 s sleep: each epoch lasts at least 0.6 s, however
+    # often a mid-epoch checkpoint restarts a timer.
+    monkeypatch.setenv("DRP_TRAIN_TEST_STEP_SLEEP", "0.1")
+    cfg = tiny_cfg(tiny_dir, tmp_path / "t", method="ce", epochs=2, batch_size=32, checkpoint_every=2)
+    result = run_train(cfg, progress=False)
+    for row in result["metrics"]:
+        assert row["epoch_time_s"] >= 0.6, row
+        assert row["samples_per_s"] == pytest.approx(192 / row["epoch_time_s"], rel=1e-9)
+        assert row["samples_per_s"] <= 192 / 0.6
+    assert result["train_time_s"] >= sum(r["epoch_time_s"] for r in result["metrics"]) - 1e-9
+
+
+# ----------------------------------------------------------------------------- one source of defaults
+def test_presets_and_compare_settings_derive_from_trainconfig():
+    from drp_train import compare
+    from drp_train.config import PRESETS, describe_default
+
+    d = TrainConfig()
+    for name, preset in compare.PRESETS.items():
+        assert preset["batch_size"] == d.batch_size, name
+        assert preset["dataset"] == d.dataset, name
+        # None: drp train resolves it per dataset and method, exactly as a plain `drp train` would
+        assert preset["lr"] is None and preset["model"] is None and preset["train_eps"] is None, name
+    assert compare.PRESETS["demo"]["methods"] == ["ce", "drp-linf", "pgd-at"]
+    assert compare.PRESETS["full"]["methods"] == list(compare.DEFAULT_METHODS)
+    # the fmnist preset of drp train is the plain defaults on Fashion-MNIST
+    assert apply_preset("fmnist", {}).resolved() == TrainConfig(dataset="fashion-mnist", preset="fmnist").resolved()
+    for preset in PRESETS.values():
+        TrainConfig(**preset).resolved()  # every preset is a valid config
+    assert describe_default("epochs") == str(d.epochs)
+    with pytest.raises(ConfigError, match="unknown options: bogus"):
+        from drp_train.config import _preset
+        _preset(bogus=1)
+
+
+def test_drp_defaults_use_bounded_prototypes():
+    r = TrainConfig().resolved()
+    assert (r.method, r.metric, r.proto_method) == ("drp", "linf", "box")
+    assert TrainConfig(metric="cosine").resolved().proto_method == "default"
+    paper = apply_preset("paper-cifar10", {}).resolved()
+    assert paper.proto_method == "paper"
+    with pytest.raises(ConfigError, match="--proto-dim 1 with --metric cosine"):
+        TrainConfig(metric="cosine", proto_dim=1).resolved()

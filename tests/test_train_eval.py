@@ -1,23 +1,26 @@
 """`drp eval` and `drp compare` end to end on tiny Fashion-MNIST runs, and `drp eval` misuse."""
 import json
 import os
+import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import drp_kernels
-from drp_train import cli
+from drp_train import CheckpointError, cli
 from drp_train.checkpoint import load_checkpoint, load_classifier
 from drp_train.config import TrainConfig
 from drp_train.data import load_dataset
 from drp_train.train import train
 
+from _helpers import assert_png
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the dataset-fashion-mnist package")
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RESULT_KEYS = {"eps", "robust_accuracy", "per_attack", "flags"}
 
 
@@ -29,13 +32,6 @@ def run_cli(argv, capsys):
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_png(path, *, min_bytes=5000):
-    assert os.path.isfile(path), path
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert os.path.getsize(path) > min_bytes, (path, os.path.getsize(path))
 
 
 def clean_accuracy(model, n):
@@ -72,6 +68,7 @@ def check_eval_schema(doc, eps, n):
     assert doc["n"] == n
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
     out, info = drp_run
     js, png = tmp_path / "eval.json", tmp_path / "eval.png"
@@ -89,7 +86,11 @@ def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
     assert doc["results"][0]["robust_accuracy"] == pytest.approx(doc["clean_accuracy"], abs=1e-6)
     # eps 0.5 on [0, 1] images leaves an undefended model at chance or below
     assert doc["results"][2]["robust_accuracy"] <= 0.25
-    assert doc["checkpoint"] == os.path.abspath(info["checkpoint"])
+    # no absolute path of this machine: relative to the working directory, else <run folder>/<file>
+    ckpt = info["checkpoint"]
+    assert not os.path.isabs(doc["checkpoint"])
+    assert doc["checkpoint"] in (os.path.relpath(ckpt), os.path.join(os.path.basename(os.path.dirname(ckpt)),
+                                                                      os.path.basename(ckpt)))
     assert doc["dataset"] == "fashion-mnist" and doc["method"] == "drp" and doc["suite"] == "quick"
     assert_png(str(png))
     assert "clean accuracy" in stdout and "0.05" in stdout
@@ -108,7 +109,7 @@ def _misuse_cases(run_dir, tmp):
     protos = tmp / "protos.pt"
     drp_kernels.save_prototypes(torch.randn(10, 8), str(protos))
     junk = tmp / "junk.pt"
-    junk.write_bytes(os.urandom(256))
+    junk.write_bytes(random.Random(2).randbytes(256))  # the weights-only reader fails with IndexError
     empty = tmp / "empty_dir"
     empty.mkdir()
     base = ["--suite", "quick", "--json", str(tmp / "out.json"), "--quiet"]
@@ -139,6 +140,16 @@ def test_eval_misuse_is_one_line_exit_2(drp_run, tmp_path, capsys, case):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.parametrize("seed", [0, 2, 20, 195])  # UnpicklingError, IndexError, KeyError, UnicodeDecodeError
+def test_random_bytes_are_a_corrupt_checkpoint(tmp_path, seed):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(random.Random(seed).randbytes(256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+            load_checkpoint(str(junk))
+
+
 def test_eval_wrong_kind_checkpoint_in_a_real_process(tmp_path):
     protos = tmp_path / "protos.pt"
     drp_kernels.save_prototypes(torch.randn(10, 8), str(protos))
@@ -151,19 +162,23 @@ def test_eval_wrong_kind_checkpoint_in_a_real_process(tmp_path):
     assert not js.exists()
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
+    methods = ["ce", "drp-linf", "drp-cosine", "pgd-at"]
     argv = ["compare", "--preset", "demo", "--out", str(out), "--limit-train", "256", "--limit-test", "64",
             "--eval-limit", "24", "--epochs", "1", "--batch-size", "64", "--attack-steps", "2", "--suite", "quick",
-            "--eps", "0.1", "0.5", "--quiet"]
+            "--eps", "0.1", "0.5", "--methods", *methods, "--quiet"]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
-    methods = ["ce", "drp-linf", "drp-cosine", "pgd-at"]
     # the printed table: a header with each eps and one row per method
     head = next(line for line in stdout.splitlines() if line.startswith("method"))
     assert "clean" in head and "eps=0.1" in head and "eps=0.5" in head and "train time" in head
     for m in methods:
         assert any(line.split()[:1] == [m] for line in stdout.splitlines()), (m, stdout)
+    # the DRP models also get a line under the paper's own attack
+    paper_lines = [line.split()[0] for line in stdout.splitlines() if "paper's attack" in line]
+    assert paper_lines == ["drp-linf", "drp-cosine"], stdout
 
     doc = json.loads((out / "compare.json").read_text())
     assert list(doc["models"]) == methods
@@ -171,7 +186,16 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert doc["command"].startswith("drp compare --preset demo")
     for m in methods:
         entry = doc["models"][m]
+        # no absolute paths of this machine: run folders and checkpoints are relative to --out
+        assert not os.path.isabs(entry["checkpoint"]) and not os.path.isabs(entry["run_dir"])
+        entry["checkpoint"] = str(out / entry["checkpoint"])
         check_eval_schema(dict(entry["eval"], n=entry["eval"]["n"]), [0.1, 0.5], 24)
+        if m.startswith("drp"):
+            paper = entry["paper_eval"]
+            assert [r["eps"] for r in paper["results"]] == [0.1, 0.5]
+            assert paper["clean_accuracy"] == pytest.approx(entry["eval"]["clean_accuracy"], abs=1e-6)
+        else:
+            assert entry["paper_eval"] is None
         assert entry["train_time_s"] > 0
         assert len(entry["metrics"]) == 1 and entry["metrics"][0]["epoch"] in (0, 1)
         # every method trained the same budget, and the checkpoint is the one evaluated
@@ -218,3 +242,17 @@ def test_compare_refuses_an_used_out_before_training(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "--resume" in err and "drp-linf" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["drp-linf"]
     assert not (out / "ce").exists()
+
+
+def test_compare_resume_continues_existing_runs_and_starts_the_others(tmp_path):
+    from drp_train import compare
+
+    out = tmp_path / "cmp"
+    (out / "ce").mkdir(parents=True)
+    (out / "ce" / "last.pt").write_bytes(b"")
+    settings = dict(compare.PRESETS["demo"], data_dir=None, weight_decay=None, seed=0, out=str(out), quiet=True,
+                    resume=True)
+    assert compare._train_config(settings, "ce", None).resume is True
+    assert compare._train_config(settings, "pgd-at", None).resume is False
+    settings["resume"] = False
+    assert compare._train_config(settings, "ce", None).resume is False

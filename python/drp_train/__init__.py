@@ -7,7 +7,8 @@ The ``drp`` command line lives in ``drp_train.cli``.
 from .checkpoint import load_checkpoint, load_classifier
 from .config import PRESETS, TrainConfig
 from .data import load_dataset, num_classes
-from .errors import CheckpointError, CLIError, ConfigError, DatasetError, DrpTrainError, NonFiniteLossError, OutputDirError
+from . import errors as _errors
+from .errors import *  # noqa: F403  (every error class; the list is errors.__all__)
 from .models import build_model
 from . import train as _train_module  # noqa: F401  (drp_train.train stays the module)
 
@@ -19,11 +20,5 @@ __all__ = [
     "load_dataset",
     "num_classes",
     "build_model",
-    "DrpTrainError",
-    "CLIError",
-    "ConfigError",
-    "DatasetError",
-    "CheckpointError",
-    "OutputDirError",
-    "NonFiniteLossError",
 ]
+__all__ += _errors.__all__

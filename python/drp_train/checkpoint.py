@@ -19,8 +19,8 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 import drp_kernels
+from drp_kernels.io import TMP_PREFIX as _TMP_PREFIX, atomic_write as _atomic_write
 
 from .config import TrainConfig
 from .data import DATASET_INFO
 from .errors import CheckpointError, ConfigError
-from .models import build_model
+from .models import build_network
 
 __all__ = [
     "CheckpointError",
@@ -48,44 +49,22 @@ __all__ = [
 
 CHECKPOINT_KIND = "drp_train.checkpoint"
 CHECKPOINT_FORMAT = 1
-_TMP_PREFIX = ".tmp-"
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+    """Call ``write(file)`` on a temporary binary file next to ``path``, fsync it and rename it
+    to ``path`` (``drp_kernels.io.atomic_write``: the file respects the umask)."""
+
+    def hold_then_write(f):
+        write(f)
         # Test hook (documented in tests/test_resume.py): hold the finished temporary file
         # before the rename, so a test can SIGKILL the writer inside the write window.
         hold = os.environ.get("DRP_TRAIN_TEST_SAVE_SLEEP")
         if hold:
+            f.flush()
             time.sleep(float(hold))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
 
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _atomic_write(path, hold_then_write)
 
 
 def remove_stale_temporaries(folder: str) -> list:
@@ -154,15 +133,27 @@ def load_checkpoint(path: str) -> dict:
     """
     path = resolve_checkpoint_path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol byte of a file that is not a checkpoint at all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global|operand)[^.\n]*(?:\.[\w]+)*", str(e))
-        detail = found.group(0) if found else type(e).__name__
-        raise CheckpointError(f"{path} was refused: it needs more than plain data (tensors, numbers, strings, "
-                              f"lists, dicts) to load, so it may run code ({detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        found = re.search(r"unsupported GLOBAL [\w.]+", str(e), flags=re.IGNORECASE)
+        if found:  # a well-formed file that names code to run
+            raise CheckpointError(f"{path} was refused: it needs more than plain data (tensors, numbers, strings, "
+                                  f"lists, dicts) to load, so it may run code ({found.group(0)})") from None
+        # anything else the weights-only reader stops at is not a file torch.save wrote
+        op = re.search(r"Unsupported operand \d+", str(e))
+        raise CheckpointError(f"{path} is corrupt or unreadable: not a checkpoint written by torch.save "
+                              f"({op.group(0) if op else type(e).__name__})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as e:
+        # the weights-only reader meets garbage with any of these (IndexError, KeyError: an
+        # opcode stream that pops an empty stack or reads an unknown memo entry)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+        first = first.split(". ")[0].rstrip(".")  # torch's first sentence says what failed
+        if isinstance(e, EOFError):
+            first = "the file ends early"
+        raise CheckpointError(f"{path} is corrupt or unreadable ({first})") from None
     if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
         what = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a drp_train checkpoint (kind {what!r}); "
@@ -181,14 +172,6 @@ def config_of(data: dict, path: str = "checkpoint") -> TrainConfig:
         return TrainConfig.from_dict(data["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} holds an unusable config: {e}") from None
-
-
-def build_network(cfg: TrainConfig, *, output_dim: int) -> nn.Module:
-    """The bare network of a resolved config (normalisation included)."""
-    info = DATASET_INFO[cfg.dataset]
-    c, h, _ = info["shape"]
-    return build_model(cfg.model, in_channels=c, num_classes_or_dim=output_dim, input_size=h,
-                       mean=info["mean"], std=info["std"])
 
 
 def load_classifier(path: str, *, device: Optional[str] = None) -> nn.Module:

@@ -8,9 +8,14 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from tqdm.auto import tqdm
 
+from drp_kernels.attacks import RobustnessWarning
+
+from ._cli_utils import check_output_path, parse_eps
+from .config import DEFAULT_PROTO_METHOD, METRICS, PROTO_METHODS, TrainConfig
 from .errors import CLIError, DrpTrainError
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -26,17 +31,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+_PROTO_METHOD_HELP = (
+    "box: a softmin packing of the box [-1, 1]^D (min L-inf distance 2, the optimum), what DRP-linf trains with "
+    "by default; sphere: points on the unit sphere, the default for cosine and l2; hypercube: +-1 corners of the "
+    "box (the library's default for linf), under which the L-inf distance from an output to every corner is set by "
+    "the output's largest coordinate, so classes tie and DRP-linf training stays near chance; paper: the paper's "
+    "SGD on the sum of pairwise L-inf distances, unconstrained, so the entries grow to tens (about -77..54 for "
+    "10 x 100) and DRP trains slower (measured on the first 20k Fashion-MNIST images, 2 epochs, seed 0: 74.3%% "
+    "clean with paper prototypes at lr 0.01, 83.0%% with box prototypes at lr 0.2); default: the library's choice "
+    "for the metric")
+
+
 def _add_prototypes_parser(sub):
     p = sub.add_parser("prototypes", help="generate repulsive prototypes and print their separation",
-                       description="Generate C repulsive prototypes of dimension D, save them and print "
-                                   "the separation report.")
+                       description="Generate C repulsive prototypes of dimension D, save them (with their metric "
+                                   "and method) and print the separation report.")
     p.add_argument("--classes", type=int, required=True, help="number of classes C (>= 2)")
-    p.add_argument("--dim", type=int, required=True, help="prototype dimension D (>= 1)")
-    p.add_argument("--metric", choices=("linf", "cosine", "l2"), default="linf", help="distance (default linf)")
-    p.add_argument("--method", choices=("paper", "default"), default="paper",
-                   help="paper: maximise the sum of pairwise L-inf distances (SGD); default: the library's method")
+    p.add_argument("--dim", type=int, required=True, help="prototype dimension D (>= 1; >= 2 for cosine and l2)")
+    p.add_argument("--metric", choices=METRICS, default=TrainConfig.metric,
+                   help=f"distance (default {TrainConfig.metric})")
+    p.add_argument("--method", choices=PROTO_METHODS, default=None,
+                   help=f"{_PROTO_METHOD_HELP} (default: what drp train uses, box for linf, default for cosine and l2)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the method's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help=f"default {TrainConfig.seed}")
     p.add_argument("--out", required=True, help="output file, .pt or .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_prototypes)
@@ -46,57 +63,64 @@ _S = argparse.SUPPRESS
 
 
 def _add_train_parser(sub):
-    from .config import DATASETS, METHODS, METRICS, MODELS, PRESETS, SCHEDULES
+    from .config import DATASETS, METHODS, MODELS, PRESETS, SCHEDULES, describe_default as d
 
     p = sub.add_parser(
         "train", help="train a model (drp, ce, pgd-at, trades, fast-at)",
         description="Train one model. Writes config.json, metrics.jsonl (one line per epoch), last.pt "
                     "(every epoch) and final.pt in --out. Options not given come from --preset, else the "
-                    "defaults of drp_train.config.TrainConfig; with --resume, from the run's checkpoint.")
+                    "defaults of drp_train.config.TrainConfig; with --resume, from the run's checkpoint. "
+                    "Ctrl-C saves last.pt and stops; --resume continues from it.")
     a = p.add_argument
     a("--preset", choices=tuple(PRESETS), default=_S,
-      help="named option bundle: paper-cifar10 (ResNet-18, 100-d linf, 200 epochs), paper-cifar100 (500-d), "
-           "fmnist (small CNN, 10 epochs); explicit flags override it")
-    a("--dataset", choices=DATASETS, default=_S, help="default fashion-mnist")
+      help="named option bundle: paper-cifar10 (ResNet-18, 100-d linf with the paper's prototypes, 200 epochs), "
+           "paper-cifar100 (500-d), fmnist (the defaults on Fashion-MNIST); explicit flags override it")
+    a("--dataset", choices=DATASETS, default=_S, help=f"default {d('dataset')}")
     a("--data-dir", default=_S, help="dataset folder (default: $DRP_DATA_DIR, then the Debian package's)")
-    a("--method", choices=METHODS, default=_S, help="default drp")
-    a("--metric", choices=METRICS, default=_S, help="DRP distance (default linf)")
-    a("--proto-dim", type=int, default=_S, help="prototype dimension (default 100, 500 for cifar100)")
-    a("--prototypes", metavar="FILE", default=_S, help="prototypes from `drp prototypes` (.pt/.npy)")
-    a("--proto-method", choices=("paper", "default"), default=_S,
-      help="how prototypes are generated (default: paper for linf, default otherwise)")
-    a("--drp-ce-weight", type=float, default=_S, help="weight of ProtoLoss' optional CE term (default 0)")
-    a("--model", choices=MODELS, default=_S, help="default cnn for 28x28 data, resnet18 for CIFAR")
-    a("--epochs", type=int, default=_S, help="default 10")
-    a("--batch-size", type=int, default=_S, help="global batch size (default 128)")
-    a("--lr", type=float, default=_S, help="peak learning rate (default 0.05; 0.01 for drp; 0.1 on CIFAR)")
-    a("--schedule", choices=SCHEDULES, default=_S, help="per-step lr schedule (default cosine)")
-    a("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
-    a("--weight-decay", type=float, default=_S, help="default 5e-5 for drp (the paper's), 5e-4 otherwise")
-    a("--eps", type=float, default=_S, help="L-inf budget of adversarial training (default 0.1, 8/255 on CIFAR)")
-    a("--attack-steps", type=int, default=_S, help="PGD steps of pgd-at and trades (default 10)")
-    a("--attack-alpha", type=float, default=_S, help="PGD step size (default 2.5 eps / steps; 1.25 eps for fast-at)")
-    a("--trades-beta", type=float, default=_S, help="TRADES beta (default 6)")
+    a("--method", choices=METHODS, default=_S, help=f"default {d('method')}")
+    a("--metric", choices=METRICS, default=_S, help=f"DRP distance (default {d('metric')})")
+    a("--proto-dim", type=int, default=_S, help=f"prototype dimension (default {d('proto_dim')})")
+    a("--prototypes", metavar="FILE", default=_S,
+      help="prototypes from `drp prototypes` (.pt/.npy); their metric must match --metric")
+    a("--proto-method", choices=PROTO_METHODS, default=_S,
+      help=f"how prototypes are generated: {_PROTO_METHOD_HELP} (default {d('proto_method')})")
+    a("--drp-ce-weight", type=float, default=_S,
+      help=f"weight of ProtoLoss' optional CE term (default {d('drp_ce_weight')})")
+    a("--model", choices=MODELS, default=_S, help=f"default {d('model')}")
+    a("--epochs", type=int, default=_S, help=f"default {d('epochs')}")
+    a("--batch-size", type=int, default=_S, help=f"global batch size (default {d('batch_size')})")
+    a("--lr", type=float, default=_S, help=f"peak learning rate (default {d('lr')})")
+    a("--schedule", choices=SCHEDULES, default=_S, help=f"per-step lr schedule (default {d('schedule')})")
+    a("--momentum", type=float, default=_S, help=f"SGD momentum (default {d('momentum')})")
+    a("--weight-decay", type=float, default=_S, help=f"default {d('weight_decay')}")
+    a("--eps", type=parse_eps, default=_S, metavar="EPS",
+      help=f"L-inf budget of adversarial training, a number or a fraction such as 8/255 (default {d('eps')})")
+    a("--attack-steps", type=int, default=_S, help=f"PGD steps of pgd-at and trades (default {d('attack_steps')})")
+    a("--attack-alpha", type=parse_eps, default=_S, metavar="ALPHA",
+      help=f"PGD step size (default {d('attack_alpha')})")
+    a("--trades-beta", type=float, default=_S, help=f"TRADES beta (default {d('trades_beta')})")
     a("--augment", action=argparse.BooleanOptionalAction, default=_S,
-      help="random crop (pad 4) and flip (default: on for CIFAR)")
-    a("--amp", choices=("bf16", "fp16", "none"), default=_S, help="mixed precision on CUDA")
+      help=f"random crop (pad 4) and flip (default: {d('augment')})")
+    a("--amp", choices=("bf16", "fp16", "none"), default=_S, help="mixed precision on CUDA (default none)")
     a("--compile", action="store_true", default=_S, help="torch.compile the network")
     a("--channels-last", action="store_true", default=_S, help="channels_last memory format")
-    a("--seed", type=int, default=_S, help="default 0")
-    a("--limit-train", type=int, default=_S, metavar="N", help="use the first N training samples")
-    a("--limit-test", type=int, default=_S, metavar="N", help="use the first N test samples")
-    a("--eval-batch-size", type=int, default=_S, help="batch size of the per-epoch test (default 1000)")
+    a("--seed", type=int, default=_S, help=f"default {d('seed')}")
+    a("--limit-train", type=int, default=_S, metavar="N", help="use the first N training samples (default all)")
+    a("--limit-test", type=int, default=_S, metavar="N", help="use the first N test samples (default all)")
+    a("--eval-batch-size", type=int, default=_S,
+      help=f"batch size of the per-epoch test (default {d('eval_batch_size')})")
     a("--checkpoint-every", type=int, default=_S, metavar="STEPS",
-      help="also write last.pt every STEPS optimiser steps (default: every epoch only)")
-    a("--device", default=_S, help="cpu or cuda[:N] (default: cuda when available)")
-    a("--out", default=_S, help="run folder (default runs/train)")
-    a("--resume", action="store_true", default=_S, help="continue the run in --out from its last.pt")
+      help=f"also write last.pt every STEPS optimiser steps (default: {d('checkpoint_every')})")
+    a("--device", default=_S, help=f"cpu or cuda[:N] (default: {d('device')})")
+    a("--out", default=_S, help=f"run folder (default {d('out')})")
+    a("--resume", action="store_true", default=_S,
+      help="continue the run in --out from its last.pt (an error when --out holds no run)")
     a("--quiet", action="store_true", default=_S, help="no progress bars or per-epoch log lines")
     p.set_defaults(run=_run_train)
 
 
-def _add_lazy_parser(sub, name, module, add_name, run_name, help_text):
-    p = sub.add_parser(name, help=help_text)
+def _add_lazy_parser(sub, name, module, add_name, run_name, help_text, description):
+    p = sub.add_parser(name, help=help_text, description=description)
     try:
         mod = __import__(f"drp_train.{module}", fromlist=[add_name])
     except ImportError as e:
@@ -118,9 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prototypes_parser(sub)
     _add_train_parser(sub)
     _add_lazy_parser(sub, "eval", "evaluation", "add_eval_arguments", "run_eval",
-                     "evaluate a checkpoint under the attack suite over a list of eps")
+                     "evaluate a checkpoint under the attack suite over a list of eps",
+                     "Evaluate a checkpoint written by `drp train`: clean accuracy, then robust accuracy under "
+                     "the attack suites (--suite, e.g. `paper standard` side by side) at each L-inf eps, on the "
+                     "first --limit test points. Prints the table; --json writes the report and --plot an "
+                     "accuracy-vs-eps plot.")
     _add_lazy_parser(sub, "compare", "compare", "add_compare_arguments", "run_compare",
-                     "train CE, DRP-linf, DRP-cosine and PGD-AT alike and compare their robustness")
+                     "train CE, DRP-linf, DRP-cosine and PGD-AT alike and compare their robustness",
+                     "Train several methods with the same network, data and budget, evaluate each under the "
+                     "attack suite over a list of eps, and write a table, plots, report.md and compare.json to "
+                     "--out. --preset demo is the few-minute version `make demo` runs; --preset full is the "
+                     "full comparison.")
     return p
 
 
@@ -132,6 +164,9 @@ def _run_prototypes(args) -> int:
         raise CLIError(f"--classes must be >= 2, got {args.classes}")
     if args.dim < 1:
         raise CLIError(f"--dim must be >= 1, got {args.dim}")
+    if args.metric in ("cosine", "l2") and args.dim == 1 and args.classes > 2:
+        raise CLIError(f"--dim 1 with --metric {args.metric}: in one dimension every unit vector is +1 or -1, so "
+                       f"{args.classes} classes cannot have distinct prototypes; use --dim >= 2")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if args.seed < 0:
@@ -139,16 +174,20 @@ def _run_prototypes(args) -> int:
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in (".pt", ".npy"):
         raise CLIError(f"--out must end in .pt or .npy, got {args.out!r}")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise CLIError(f"--out folder {folder} does not exist")
-    kwargs = dict(metric=args.metric, method=args.method, seed=args.seed)
+    check_output_path(args.out, "--out")
+    method = args.method if args.method is not None else DEFAULT_PROTO_METHOD[args.metric]
+    kwargs = dict(metric=args.metric, method=method, seed=args.seed, progress=not args.quiet and _on_terminal(),
+                  with_info=True)
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    P = drp_kernels.repulsive_prototypes(args.classes, args.dim, **kwargs)
-    drp_kernels.save_prototypes(P, args.out)
+    try:
+        P, info = drp_kernels.repulsive_prototypes(args.classes, args.dim, **kwargs)
+    except ValueError as e:  # e.g. a --method made for another geometry than --metric
+        raise CLIError(f"--method {method} with --metric {args.metric}, --classes {args.classes}, "
+                       f"--dim {args.dim}: {e}") from None
+    drp_kernels.save_prototypes(P, args.out, metric=info["metric"], method=info["method"])
     rep = drp_kernels.separation(P, metric=args.metric)
-    lines = [f"prototypes: {args.classes} x {args.dim}, metric {args.metric}, method {args.method}, "
+    lines = [f"prototypes: {args.classes} x {args.dim}, metric {args.metric}, method {info['method']}, "
              f"seed {args.seed} -> {args.out}"]
     for key, value in rep.items():
         if isinstance(value, float):
@@ -171,24 +210,35 @@ def _run_train(args) -> int:
     preset = getattr(args, "preset", None)
     base = None
     if explicit.get("resume"):
-        out = explicit.get("out", "runs/train")
+        out = explicit.get("out", TrainConfig.out)
         for name in ("final.pt", "last.pt"):
             path = os.path.join(out, name)
             if os.path.isfile(path):
                 base = dict(load_checkpoint(path)["config"])
                 break
+        else:
+            raise CLIError(f"--resume: no run to continue in {out} (no last.pt or final.pt); "
+                           "drop --resume to start a new run there")
     cfg = apply_preset(preset, explicit, base=base)
     result = train(cfg, progress=not cfg.quiet)
     if result.get("rank", 0) != 0:
         return 0  # under DDP only rank 0 reports
     final = result["final"]
+    epochs = final.get("epoch", 0)
     print(f"trained {cfg.method} on {cfg.dataset}: test accuracy {final.get('test_accuracy', float('nan')):.4f} "
-          f"after {final.get('epoch', 0)} epochs, {result['train_time_s']:.1f}s of training; "
+          f"after {epochs} epoch{'' if epochs == 1 else 's'}, {result['train_time_s']:.1f}s of training; "
           f"checkpoint {result['checkpoint']}")
     return 0
 
 
 # ----------------------------------------------------------------------------- main
+def _on_terminal() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         try:
@@ -197,15 +247,28 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+# The training layer's log and the attack engine's progress lines (when stderr is not a terminal).
+_LOGGERS = (log, logging.getLogger("drp_kernels.attacks"))
+
+
 def _configure_logging(quiet: bool):
-    if any(isinstance(h, _TqdmHandler) for h in log.handlers):
-        log.setLevel(logging.WARNING if quiet else logging.INFO)
-        return
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("drp: %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Messages carry their own subject (a run's label such as "ce: epoch 1/10 ..."), so no prefix here.
+    for logger in _LOGGERS:
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        if any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+            continue
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # the CLI's warnings: one line on stderr, no internal file path
+    try:
+        print(f"drp: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+    except (OSError, ValueError):  # a closed stream: nothing to report to
+        pass
 
 
 def main(argv=None) -> int:
@@ -219,12 +282,16 @@ def main(argv=None) -> int:
         print("drp: error: choose a subcommand: prototypes, train, eval, compare", file=sys.stderr)
         return 2
     _configure_logging(bool(getattr(args, "quiet", False)))
-    try:
-        return int(args.run(args) or 0)
-    except DrpTrainError as e:
-        msg = " ".join(str(e).split())
-        print(f"drp: error: {msg}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("drp: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        # the evaluation's flags are printed once, in its result table and report
+        warnings.filterwarnings("ignore", category=RobustnessWarning)
+        warnings.showwarning = _show_warning  # restored by catch_warnings
+        try:
+            return int(args.run(args) or 0)
+        except DrpTrainError as e:
+            msg = " ".join(str(e).split())
+            print(f"drp: error: {msg}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("drp: interrupted", file=sys.stderr)
+            return 130

@@ -5,6 +5,7 @@ Everything goes into `--out`: one run folder per method (checkpoints and
 metrics.jsonl from `drp_train.train.train`), `accuracy_vs_eps.png`,
 `training_curves.png`, `projection_<method>.png`, `report.md` and `compare.json`.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -18,16 +19,17 @@ import torch
 
 import drp_kernels
 
-from .evaluation import (
-    SUITES,
-    _cli_error,
-    _one_line,
+from .config import TrainConfig
+from ._cli_utils import (
+    atomic_write,
     check_eps_list,
-    evaluate_model,
-    load_eval_data,
+    cli_error as _cli_error,
+    one_line as _one_line,
+    parse_eps,
     pick_device,
     write_json_atomic,
 )
+from .evaluation import SUITES, evaluate_model, load_eval_data
 
 __all__ = [
     "add_compare_arguments",
@@ -59,42 +61,36 @@ CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 
-# Settings a preset fixes; explicit flags override them. None means "the default
-# of `drp train`" (for lr and attack_steps) or "no limit" (for the limits).
+# Settings of a comparison that are not TrainConfig options.
+_EVAL_DEFAULTS = {"eval_limit": 1000, "eps": [0.1], "suite": "standard", "eval_batch_size": 500,
+                  "paper_attack": True}
+
+
+def _compare_preset(**settings) -> dict:
+    """A `drp compare` preset: TrainConfig's defaults for the training options (None where
+    TrainConfig resolves them per dataset and method), the evaluation defaults, then ``settings``."""
+    d = TrainConfig()
+    base = {"dataset": d.dataset, "model": d.model, "epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr,
+            "limit_train": d.limit_train, "limit_test": d.limit_test, "train_eps": d.eps,
+            "attack_steps": d.attack_steps, "methods": list(DEFAULT_METHODS), **_EVAL_DEFAULTS}
+    unknown = sorted(set(settings) - set(base))
+    if unknown:
+        raise ValueError(f"a compare preset names unknown settings: {', '.join(unknown)}")
+    base.update(settings)
+    return base
+
+
+# Settings a preset fixes; explicit flags override them. None means "drp train's default"
+# (resolved per dataset and method) or "no limit" (for the limits).
 PRESETS = {
-    # `make demo`: the whole job (4 trainings + standard-suite evaluation) in at
-    # most 15 minutes on the 2-core CPU machine.
-    "demo": {
-        "dataset": "fashion-mnist",
-        "model": "cnn",
-        "epochs": 4,
-        "batch_size": 128,
-        "lr": None,
-        "limit_train": 20000,
-        "limit_test": 1000,
-        "eval_limit": 500,
-        "eps": [0.1, 0.2, 0.3],
-        "train_eps": 0.1,
-        "attack_steps": 5,
-        "suite": "standard",
-        "eval_batch_size": 500,
-    },
-    # The issue's quality run: full Fashion-MNIST, eps 0.1 on the first 1000 test points.
-    "full": {
-        "dataset": "fashion-mnist",
-        "model": "cnn",
-        "epochs": 20,
-        "batch_size": 128,
-        "lr": None,
-        "limit_train": None,
-        "limit_test": None,
-        "eval_limit": 1000,
-        "eps": [0.1, 0.3],
-        "train_eps": 0.1,
-        "attack_steps": 7,
-        "suite": "standard",
-        "eval_batch_size": 500,
-    },
+    # `make demo`: the headline in at most 3 minutes on a 2-core CPU. CE, DRP-linf and PGD-AT,
+    # 2 epochs on 20k images; the standard suite at eps 0.1 on 100 test points (Square takes
+    # half of the evaluation time), and DRP also under the paper's own attack.
+    "demo": _compare_preset(
+        methods=["ce", "drp-linf", "pgd-at"], epochs=2, limit_train=20000, limit_test=1000, eval_limit=100,
+        eps=[0.1], attack_steps=5),
+    # The full comparison: full Fashion-MNIST, 20 epochs, eps 0.1 and 0.3 on 1000 test points.
+    "full": _compare_preset(epochs=20, eps=[0.1, 0.3], attack_steps=7),
 }
 
 
@@ -102,26 +98,32 @@ def add_compare_arguments(parser):
     """Add the `drp compare` options to an argparse (sub)parser."""
     a = parser.add_argument
     a("--preset", choices=sorted(PRESETS), default="full",
-      help="settings to start from; explicit flags override them (default: full)")
+      help="settings to start from; explicit flags override them. demo: CE, DRP-linf and PGD-AT, 2 epochs on "
+           "20k images, eps 0.1 on 100 evaluation points (at most 3 minutes on 2 CPU cores); full: every default "
+           "method, 20 epochs on all images, eps 0.1 and 0.3 on 1000 evaluation points (default: full)")
     a("--dataset", default=None, help="fashion-mnist|mnist|cifar10|cifar100 (preset: fashion-mnist)")
     a("--data-dir", default=None, metavar="DIR", help="dataset folder (default: the standard location)")
     a("--out", default=None, metavar="DIR", help="output folder (default: <preset>_out)")
     a("--methods", nargs="+", default=None, metavar="M",
-      help=f"subset of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+      help=f"subset of {', '.join(METHODS)} (default: the preset's; full: {' '.join(DEFAULT_METHODS)})")
     a("--model", default=None, help="network for every method (preset: cnn)")
-    a("--epochs", type=int, default=None)
-    a("--batch-size", type=int, default=None)
+    a("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
+    a("--batch-size", type=int, default=None, help=f"training batch size (default {TrainConfig.batch_size})")
     a("--lr", type=float, default=None, help="learning rate for every method (default: drp train's)")
     a("--weight-decay", type=float, default=None, help="weight decay for every method (default: drp train's)")
-    a("--train-eps", type=float, default=None, help="L-inf eps of adversarial training (preset: 0.1)")
+    a("--train-eps", type=parse_eps, default=None, metavar="EPS",
+      help="L-inf eps of adversarial training, e.g. 0.1 or 8/255 (default: drp train's)")
     a("--attack-steps", type=int, default=None, help="PGD steps of adversarial training")
     a("--limit-train", type=int, default=None, metavar="N", help="train on the first N training points")
     a("--limit-test", type=int, default=None, metavar="N", help="per-epoch test accuracy on the first N test points")
-    a("--eps", type=float, nargs="+", default=None, metavar="E", help="eval eps list")
+    a("--eps", type=parse_eps, nargs="+", default=None, metavar="E",
+      help="eval eps list, numbers or fractions such as 8/255 (default: the preset's)")
     a("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test points")
-    a("--suite", choices=SUITES, default=None, help="attack suite (preset: standard)")
+    a("--suite", choices=SUITES, default=None, help="attack suite for every model (default: standard)")
+    a("--paper-attack", action=argparse.BooleanOptionalAction, default=None,
+      help="also evaluate each DRP model under the paper's own attack (suite paper; default: on)")
     a("--eval-batch-size", type=int, default=None, metavar="B", help="attack batch size (preset: 500)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="default 0")
     a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     a("--resume", action="store_true",
       help="continue (or reuse, when finished) the runs already in --out instead of refusing them")
@@ -134,13 +136,13 @@ def resolve_settings(args):
     s = dict(PRESETS[args.preset])
     s["preset"] = args.preset
     for key in ("dataset", "model", "epochs", "batch_size", "lr", "limit_train", "limit_test", "eval_limit",
-                "eps", "train_eps", "attack_steps", "suite", "eval_batch_size"):
+                "eps", "train_eps", "attack_steps", "suite", "eval_batch_size", "paper_attack"):
         val = getattr(args, key, None)
         if val is not None:
             s[key] = val
     s["data_dir"] = args.data_dir
     s["weight_decay"] = getattr(args, "weight_decay", None)
-    s["methods"] = list(args.methods) if args.methods else list(DEFAULT_METHODS)
+    s["methods"] = list(args.methods) if args.methods else list(s["methods"])
     s["seed"] = args.seed
     s["out"] = args.out if args.out is not None else f"{args.preset}_out"
 
@@ -156,7 +158,7 @@ def resolve_settings(args):
             raise _cli_error(f"--{key.replace('_', '-')}: expected an integer >= {lo}, got {s[key]}")
     if s["lr"] is not None and not (math.isfinite(s["lr"]) and s["lr"] > 0):
         raise _cli_error(f"--lr: expected a positive learning rate, got {s['lr']:g}")
-    if not (math.isfinite(s["train_eps"]) and 0 <= s["train_eps"] <= 1):
+    if s["train_eps"] is not None and not (math.isfinite(s["train_eps"]) and 0 <= s["train_eps"] <= 1):
         raise _cli_error(f"--train-eps: expected eps in [0, 1], got {s['train_eps']:g}")
     return s
 
@@ -202,7 +204,9 @@ def _train_config(settings, name, device):
         "limit_test": settings["limit_test"],
         "out": os.path.join(settings["out"], name),
         "quiet": settings["quiet"],
-        "resume": settings["resume"],
+        # --resume continues the runs that exist; the others start
+        "resume": settings["resume"] and any(os.path.isfile(os.path.join(settings["out"], name, ckpt))
+                                             for ckpt in ("final.pt", "last.pt")),
         "device": None if device is None else str(device),
         **METHODS[name],
     }
@@ -260,21 +264,32 @@ def _fmt_time(s):
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
 
 
-def format_table(rows, eps_list, *, markdown=False):
-    """The paper-style table: method, clean, robust at each eps, training time."""
-    head = ["method", "clean"] + [f"eps={e:g}" for e in eps_list] + ["train time", "eval time"]
-    body = []
+def _table_rows(rows):
+    """(method, attack, eval result, train time) per line: each model under the suite, and DRP
+    models also under the paper's own attack, right below."""
+    out = []
     for r in rows:
-        by_eps = {float(x["eps"]): x["robust_accuracy"] for x in r["eval"]["results"]}
-        body.append([r["name"], _pct(r["eval"]["clean_accuracy"])]
+        out.append((r["name"], f"{r.get('suite', 'standard')} suite", r["eval"], r["train_time_s"]))
+        if r.get("paper_eval") is not None:
+            out.append((r["name"], "paper's attack", r["paper_eval"], r["train_time_s"]))
+    return out
+
+
+def format_table(rows, eps_list, *, markdown=False):
+    """The paper-style table: method, attack, clean, robust at each eps, training and evaluation time."""
+    head = ["method", "attack", "clean"] + [f"eps={e:g}" for e in eps_list] + ["train time", "eval time"]
+    body = []
+    for name, attack, ev, train_time in _table_rows(rows):
+        by_eps = {float(x["eps"]): x["robust_accuracy"] for x in ev["results"]}
+        body.append([name, attack, _pct(ev["clean_accuracy"])]
                     + [_pct(by_eps[e]) if e in by_eps else "-" for e in eps_list]
-                    + [_fmt_time(r["train_time_s"]), _fmt_time(r["eval"]["eval_time_s"])])
+                    + [_fmt_time(train_time), _fmt_time(ev["eval_time_s"])])
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
         lines += ["| " + " | ".join(b) + " |" for b in body]
         return "\n".join(lines)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
@@ -298,8 +313,11 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
         f"# drp compare: {settings['dataset']}",
         "",
         f"Robust accuracy under the **{settings['suite']}** attack suite (L-inf), on the first {n_eval} test "
-        f"points. Every method trains the same `{settings['model']}` for {settings['epochs']} epochs, "
-        f"batch {settings['batch_size']}, seed {settings['seed']}.",
+        f"points. Every method trains the same `{settings['model']}` network for {settings['epochs']} "
+        f"epoch{'' if settings['epochs'] == 1 else 's'}, batch {settings['batch_size']}, seed {settings['seed']}."
+        + (" DRP models are also evaluated under the paper's own attack (PGD on the distance to the true "
+           "prototype, step eps/4, 20 steps, no random start): the gap between the two lines of a DRP model is "
+           "the robustness that only the weaker attack sees." if any(r.get("paper_eval") for r in rows) else ""),
         "",
         format_table(rows, eps_list, markdown=True),
         "",
@@ -321,9 +339,10 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
         out.append("")
         out.append(_final_line(r.get("final", {}), r["train_time_s"]))
         out.append("")
-        for res in r["eval"]["results"]:
-            per = ", ".join(f"{k} {_pct(v)}" for k, v in res["per_attack"].items()) or "-"
-            out.append(f"- eps {res['eps']:g}: robust {_pct(res['robust_accuracy'])} ({per})")
+        for label, ev in (("", r["eval"]), ("paper's attack, ", r.get("paper_eval"))):
+            for res in (ev or {}).get("results", []):
+                per = ", ".join(f"{k} {_pct(v)}" for k, v in res["per_attack"].items()) or "-"
+                out.append(f"- {label}eps {res['eps']:g}: robust {_pct(res['robust_accuracy'])} ({per})")
         out.append("")
     out += ["## Flags", ""]
     any_flag = False
@@ -340,6 +359,13 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
                    "monotone in eps, single-step vs iterative, black-box vs white-box, more iterations).")
     out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
     return "\n".join(out)
+
+
+def _on_terminal() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _environment(device):
@@ -366,9 +392,12 @@ def run_compare(args):
         raise _cli_error(f"--seed: expected an integer >= 0, got {settings['seed']}")
     # Every run's options are checked before anything is created or trained.
     configs = {name: _train_config(settings, name, device) for name in settings["methods"]}
+    if settings["model"] is None:  # drp train's default for the dataset, the same for every method
+        settings["model"] = next(iter(configs.values())).resolved().model
     _check_run_dirs(settings)
     _prepare_out(out)
     progress = not args.quiet
+    bars = progress and _on_terminal()  # redirected output gets the plain lines only
     command = command_line(args)
 
     # Load the evaluation points first: a missing dataset fails before any training.
@@ -390,8 +419,16 @@ def run_compare(args):
                   file=sys.stderr, flush=True)
         ev = evaluate_model(model, x, y, eps_list=settings["eps"], suite=settings["suite"],
                             batch_size=settings["eval_batch_size"], seed=settings["seed"], device=device,
-                            progress=progress)
+                            progress=bars)
         ev["n"] = int(y.shape[0])
+        paper_ev = None
+        if settings["paper_attack"] and isinstance(model, drp_kernels.ProtoClassifier):
+            if progress:
+                print(f"[compare] evaluating {name} under the paper's attack", file=sys.stderr, flush=True)
+            paper_ev = evaluate_model(model, x, y, eps_list=settings["eps"], suite="paper",
+                                      batch_size=settings["eval_batch_size"], seed=settings["seed"], device=device,
+                                      progress=bars)
+            paper_ev["n"] = int(y.shape[0])
         z, protos, kind = model_outputs(model.to(device), x)
         proj = os.path.join(out, f"projection_{name}.png")
         title = f"{name}: 2-D PCA of the {kind}" + (" (stars: prototypes)" if protos is not None else "")
@@ -400,16 +437,23 @@ def run_compare(args):
         rows.append({
             "name": name,
             "config": {k: v for k, v in METHODS[name].items()},
-            "run_dir": os.path.abspath(cfg.out),
-            "checkpoint": os.path.abspath(info["checkpoint"]),
+            "suite": settings["suite"],
+            "run_dir": os.path.relpath(cfg.out, out),
+            "checkpoint": os.path.relpath(info["checkpoint"], out),
             "train_time_s": float(info["train_time_s"]),
             "final": info.get("final", {}),
             "metrics": _read_metrics(cfg.out) or [dict(m) for m in info.get("metrics", [])],
             "eval": ev,
+            "paper_eval": paper_ev,
         })
     total = time.perf_counter() - t_start
 
-    plot_accuracy_vs_eps({r["name"]: r["eval"] for r in rows}, os.path.join(out, "accuracy_vs_eps.png"),
+    curves = {}
+    for r in rows:
+        curves[r["name"]] = r["eval"]
+        if r.get("paper_eval") is not None:
+            curves[f"{r['name']} (paper's attack)"] = r["paper_eval"]
+    plot_accuracy_vs_eps(curves, os.path.join(out, "accuracy_vs_eps.png"), n=int(y.shape[0]),
                          title=f"{settings['dataset']}: accuracy against L-inf eps ({settings['suite']} suite, "
                                f"n={int(y.shape[0])})")
     curves = {r["name"]: r["metrics"] for r in rows if r["metrics"]}
@@ -440,13 +484,16 @@ def command_line(args):
     """The `drp compare` command line equivalent to `args` (explicitly set options only)."""
     parts = ["drp", "compare", "--preset", args.preset]
     for dest in ("dataset", "data_dir", "out", "methods", "model", "epochs", "batch_size", "lr", "weight_decay",
-                 "train_eps", "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite", "eval_batch_size",
+                 "train_eps", "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite",
+                 "eval_batch_size",
                  "seed", "device"):
         val = getattr(args, dest, None)
         if val is None or (dest == "seed" and val == 0):
             continue
         parts.append("--" + dest.replace("_", "-"))
         parts += [str(v) for v in val] if isinstance(val, (list, tuple)) else [str(val)]
+    if getattr(args, "paper_attack", None) is not None:
+        parts.append("--paper-attack" if args.paper_attack else "--no-paper-attack")
     if getattr(args, "resume", False):
         parts.append("--resume")
     if args.quiet:
@@ -455,15 +502,4 @@ def command_line(args):
 
 
 def _write_text_atomic(text, path):
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(text), binary=False)

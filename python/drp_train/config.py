@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from drp_kernels.prototypes import METHODS as PROTO_METHODS, METRICS
+
 from .errors import ConfigError
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "DATASETS",
     "METHODS",
     "METRICS",
+    "PROTO_METHODS",
     "MODELS",
     "SCHEDULES",
     "AMP_MODES",
@@ -24,32 +27,9 @@ __all__ = [
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 METHODS = ("drp", "ce", "pgd-at", "trades", "fast-at")
-METRICS = ("linf", "cosine", "l2")
 MODELS = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10")
 SCHEDULES = ("cosine", "cyclic", "multistep")
 AMP_MODES = (None, "bf16", "fp16")
-PROTO_METHODS = ("paper", "default")
-
-# Named bundles of options. Options given explicitly (CLI flags, keyword
-# arguments) override the preset's values.
-PRESETS = {
-    # Section "Training" of the paper: ResNet-18, 100-d L-inf prototypes, 200 epochs,
-    # batch 128, SGD momentum 0.9, weight decay 5e-5, multistep lr from 0.1, mixed precision.
-    "paper-cifar10": dict(
-        dataset="cifar10", method="drp", metric="linf", proto_dim=100, proto_method="paper",
-        model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="multistep",
-        momentum=0.9, weight_decay=5e-5, augment=True, amp="bf16",
-    ),
-    # The same with 100 classes and 500-d prototypes.
-    "paper-cifar100": dict(
-        dataset="cifar100", method="drp", metric="linf", proto_dim=500, proto_method="paper",
-        model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="multistep",
-        momentum=0.9, weight_decay=5e-5, augment=True, amp="bf16",
-    ),
-    # The Fashion-MNIST runs measured for issue 6 (small CNN, a few CPU minutes each).
-    "fmnist": dict(dataset="fashion-mnist", model="cnn", epochs=10, batch_size=128, schedule="cosine"),
-}
-
 
 @dataclass
 class TrainConfig:
@@ -59,9 +39,9 @@ class TrainConfig:
     data_dir: Optional[str] = None
     method: str = "drp"
     metric: str = "linf"
-    proto_dim: Optional[int] = None        # default: 100 for <= 10 classes, 500 otherwise (paper presets)
-    prototypes: Optional[str] = None       # a .pt/.npy file from `drp prototypes`; overrides proto_dim
-    proto_method: Optional[str] = None     # "paper" for linf, "default" for the other metrics
+    proto_dim: Optional[int] = None        # default: 100, 500 for cifar100; a --prototypes file's own dimension
+    prototypes: Optional[str] = None       # a .pt/.npy file from `drp prototypes`
+    proto_method: Optional[str] = None     # default: see DEFAULT_PROTO_METHOD
     drp_ce_weight: float = 0.0             # optional cross-entropy term of ProtoLoss
     model: Optional[str] = None            # default: "cnn" for 28x28 data, "resnet18" for CIFAR
     epochs: int = 10
@@ -112,19 +92,19 @@ class TrainConfig:
         if c.model is None:
             c.model = "resnet18" if cifar else "cnn"
         if c.proto_method is None:
-            c.proto_method = "paper" if c.metric == "linf" else "default"
+            c.proto_method = DEFAULT_PROTO_METHOD[c.metric]
         if c.proto_dim is None and c.prototypes is None:
-            c.proto_dim = 500 if c.dataset == "cifar100" else 100
+            c.proto_dim = DEFAULT_PROTO_DIM[c.dataset == "cifar100"]
         if c.eps is None:
-            c.eps = 8 / 255 if cifar else 0.1
+            c.eps = DEFAULT_EPS[cifar]
         if c.attack_alpha is None:
             c.attack_alpha = 1.25 * c.eps if c.method == "fast-at" else 2.5 * c.eps / c.attack_steps
         if c.augment is None:
             c.augment = cifar
         if c.weight_decay is None:
-            c.weight_decay = 5e-5 if c.method == "drp" else 5e-4
+            c.weight_decay = DEFAULT_WEIGHT_DECAY[c.method == "drp"]
         if c.lr is None:
-            c.lr = _DEFAULT_LR[(cifar, c.method == "drp")]
+            c.lr = default_lr(dataset=c.dataset, method=c.method, proto_method=c.proto_method)
         c.validate()
         return c
 
@@ -164,6 +144,9 @@ class TrainConfig:
             _float_range("--attack-alpha", self.attack_alpha, low=0.0, low_open=True)
         if self.method in ("pgd-at", "trades", "fast-at") and self.eps is not None and self.eps <= 0:
             raise ConfigError(f"--eps must be > 0 for --method {self.method}, got {self.eps}")
+        if self.method == "drp" and self.metric in ("cosine", "l2") and self.proto_dim == 1:
+            raise ConfigError(f"--proto-dim 1 with --metric {self.metric}: in one dimension every unit vector is "
+                              "+1 or -1, so most classes would share a prototype; use --proto-dim >= 2")
         if self.prototypes is not None and self.method != "drp":
             raise ConfigError(f"--prototypes is only used by --method drp, not {self.method}")
         if not isinstance(self.out, str) or not self.out:
@@ -173,9 +156,85 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
-# (cifar?, drp?) -> learning rate. On Fashion-MNIST, DRP with the paper's far-apart L-inf
-# prototypes diverges or stalls at CE's 0.05 and trains best around 0.01 (measured).
-_DEFAULT_LR = {(False, False): 0.05, (False, True): 0.01, (True, False): 0.1, (True, True): 0.1}
+# ----------------------------------------------------------------------------- resolved defaults
+# The defaults that depend on the dataset or the method. `resolved()`, the `drp train`
+# help and `drp compare` all read them from here.
+# Prototypes DRP trains with when --proto-method is not given: bounded sets. For linf the
+# softmin packing of the box [-1, 1]^D ("box"), not the +-1 corners ("hypercube"): the L-inf
+# distance from an output to a corner is set by the output's single largest coordinate, so
+# most classes tie and DRP-linf training stays at chance (measured on Fashion-MNIST).
+DEFAULT_PROTO_METHOD = {"linf": "box", "cosine": "default", "l2": "default"}
+DEFAULT_PROTO_DIM = {False: 100, True: 500}          # cifar100? -> prototype dimension
+DEFAULT_EPS = {False: 0.1, True: 8 / 255}            # cifar? -> L-inf budget of adversarial training
+DEFAULT_WEIGHT_DECAY = {True: 5e-5, False: 5e-4}     # drp? -> weight decay (5e-5 is the paper's)
+# Learning rates on 28x28 data (measured on Fashion-MNIST). DRP with the paper's unbounded
+# L-inf prototypes (entries up to ~80) diverges or stalls at CE's 0.05 and trains best
+# around 0.01; with the library's bounded prototypes it wants a larger step.
+_LR_28 = {"ce": 0.05, "drp-paper": 0.01, "drp": 0.2}
+_LR_CIFAR = 0.1
+
+
+def default_lr(*, dataset: str, method: str, proto_method: Optional[str] = None) -> float:
+    """The learning rate `resolved()` picks when --lr is not given."""
+    if dataset.startswith("cifar"):
+        return _LR_CIFAR
+    if method != "drp":
+        return _LR_28["ce"]
+    return _LR_28["drp-paper" if proto_method == "paper" else "drp"]
+
+
+def describe_default(name: str) -> str:
+    """The default of TrainConfig field ``name`` in words, for the command line's help."""
+    rules = {
+        "lr": f"{_LR_28['ce']:g}; {_LR_28['drp']:g} for drp, {_LR_28['drp-paper']:g} for drp with paper "
+              f"prototypes; {_LR_CIFAR:g} on CIFAR",
+        "weight_decay": f"{DEFAULT_WEIGHT_DECAY[True]:g} for drp (the paper's), "
+                        f"{DEFAULT_WEIGHT_DECAY[False]:g} otherwise",
+        "eps": f"{DEFAULT_EPS[False]:g}, 8/255 on CIFAR",
+        "proto_dim": f"{DEFAULT_PROTO_DIM[False]}, {DEFAULT_PROTO_DIM[True]} for cifar100; a --prototypes file's own",
+        "proto_method": "box for linf, default (the sphere) for cosine and l2",
+        "model": "cnn for 28x28 data, resnet18 for CIFAR",
+        "augment": "on for CIFAR",
+        "attack_alpha": "2.5 eps / steps; 1.25 eps for fast-at",
+        "device": "cuda when available, else cpu",
+        "limit_train": "all",
+        "limit_test": "all",
+        "checkpoint_every": "every epoch only",
+    }
+    if name in rules:
+        return rules[name]
+    value = getattr(TrainConfig(), name)
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _preset(**options) -> dict:
+    """A preset: TrainConfig fields only (checked here, so a typo fails at import)."""
+    unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"a preset names unknown options: {', '.join(unknown)}")
+    return options
+
+
+# Named bundles of options. Options given explicitly (CLI flags, keyword
+# arguments) override the preset's values.
+PRESETS = {
+    # Section "Training" of the paper: ResNet-18, 100-d L-inf prototypes, 200 epochs,
+    # batch 128, SGD momentum 0.9, weight decay 5e-5, multistep lr from 0.1, mixed precision.
+    "paper-cifar10": _preset(
+        dataset="cifar10", method="drp", metric="linf", proto_dim=100, proto_method="paper",
+        model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="multistep",
+        momentum=0.9, weight_decay=5e-5, augment=True, amp="bf16",
+    ),
+    # The same with 100 classes and 500-d prototypes.
+    "paper-cifar100": _preset(
+        dataset="cifar100", method="drp", metric="linf", proto_dim=500, proto_method="paper",
+        model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="multistep",
+        momentum=0.9, weight_decay=5e-5, augment=True, amp="bf16",
+    ),
+    # Fashion-MNIST with every TrainConfig default (small CNN, a few CPU minutes).
+    "fmnist": _preset(dataset="fashion-mnist"),
+}
+
 
 
 def apply_preset(name: Optional[str], overrides: dict, *, base: Optional[dict] = None) -> TrainConfig:

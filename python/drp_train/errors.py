@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "OutputDirError",
     "NonFiniteLossError",
+    "TrainingInterrupted",
 ]
 
 
@@ -47,3 +48,9 @@ class NonFiniteLossError(DrpTrainError, RuntimeError):
     """The training loss became NaN or Inf; the run stopped without saving a checkpoint."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(DrpTrainError, KeyboardInterrupt):
+    """Ctrl-C stopped a run after its state was saved to ``last.pt``; the message says how to resume."""
+
+    exit_code = 130

@@ -6,8 +6,8 @@ evaluated (``ProtoClassifier`` for DRP, the network itself otherwise).
 
 Adversarial examples during training are built with ``drp_kernels.random_init`` and
 ``drp_kernels.pgd_step_`` on inputs in [0, 1]. The network is put in eval mode while the
-attack runs and back in train mode for the update (as in the TRADES reference code and
-torchattacks): BatchNorm then neither uses nor updates batch statistics of the
+attack runs (``drp_kernels.attacks.eval_mode``) and back in its own modes for the update
+(as in the TRADES reference code and torchattacks): BatchNorm then neither uses nor updates batch statistics of the
 intermediate attack iterates, and only the final adversarial batch trains the model.
 """
 from typing import Optional
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import drp_kernels
+from drp_kernels.attacks import eval_mode
 
 __all__ = ["Method", "make_method"]
 
@@ -52,9 +53,7 @@ class Method:
 
     # -- shared PGD on the CE loss of the classifier's logits
     def _pgd(self, attack_model, x, y, *, generator, autocast, steps, alpha, random_start=True):
-        was_training = attack_model.training
-        attack_model.eval()
-        try:
+        with eval_mode(attack_model):
             x_adv = drp_kernels.random_init(x, self.eps, generator=generator) if random_start else x.clone()
             for _ in range(steps):
                 x_adv.requires_grad_(True)
@@ -63,8 +62,6 @@ class Method:
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 x_adv = x_adv.detach()
                 drp_kernels.pgd_step_(x_adv, x, grad, self.eps, alpha)
-        finally:
-            attack_model.train(was_training)
         return x_adv.detach()
 
 
@@ -123,17 +120,13 @@ class PGDAT(Method):
             return F.cross_entropy(logits, y), logits
 
 
-class FastAT(Method):
-    """Wong et al. 2020: one FGSM step of 1.25 eps (by default) from a uniform random start."""
+class FastAT(PGDAT):
+    """Wong et al. 2020: PGD-AT with one step of 1.25 eps (by default) from a uniform random start."""
 
     name = "fast-at"
-    adversarial = True
 
-    def loss(self, model, attack_model, x, y, *, generator, autocast):
-        x_adv = self._pgd(attack_model, x, y, generator=generator, autocast=autocast, steps=1, alpha=self.alpha)
-        with autocast():
-            logits = model(x_adv).float()
-            return F.cross_entropy(logits, y), logits
+    def __init__(self, *, eps: float, alpha: float):
+        super().__init__(eps=eps, steps=1, alpha=alpha)
 
 
 class TRADES(Method):
@@ -147,9 +140,7 @@ class TRADES(Method):
         self.beta = float(beta)
 
     def loss(self, model, attack_model, x, y, *, generator, autocast):
-        was_training = attack_model.training
-        attack_model.eval()
-        try:
+        with eval_mode(attack_model):
             with torch.no_grad(), autocast():
                 p_clean = F.softmax(attack_model(x).float(), dim=1)
             # the reference implementation starts from x + 0.001 * N(0, 1)
@@ -163,8 +154,6 @@ class TRADES(Method):
                 (grad,) = torch.autograd.grad(kl, x_adv)
                 x_adv = x_adv.detach()
                 drp_kernels.pgd_step_(x_adv, x, grad, self.eps, self.alpha)
-        finally:
-            attack_model.train(was_training)
         x_adv = x_adv.detach()
         with autocast():
             logits = model(x).float()
@@ -185,7 +174,7 @@ def make_method(cfg, *, prototypes: Optional[torch.Tensor] = None) -> Method:
     if cfg.method == "pgd-at":
         return PGDAT(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha)
     if cfg.method == "fast-at":
-        return FastAT(eps=cfg.eps, steps=1, alpha=cfg.attack_alpha)
+        return FastAT(eps=cfg.eps, alpha=cfg.attack_alpha)
     if cfg.method == "trades":
         return TRADES(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, beta=cfg.trades_beta)
     raise ValueError(f"method must be one of drp, ce, pgd-at, trades, fast-at, got {cfg.method!r}")

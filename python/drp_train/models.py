@@ -11,7 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Normalize", "SmallCNN", "ResNet18", "PreActResNet18", "WideResNet", "build_model", "MODEL_NAMES"]
+from .data import DATASET_INFO
+
+__all__ = [
+    "Normalize",
+    "SmallCNN",
+    "ResNet18",
+    "PreActResNet18",
+    "WideResNet",
+    "build_model",
+    "build_network",
+    "MODEL_NAMES",
+]
 
 MODEL_NAMES = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10")
 
@@ -81,6 +92,11 @@ class _BasicBlock(nn.Module):
 
 
 class _PreActBlock(nn.Module):
+    """Pre-activation residual block (BN-ReLU-conv twice), of PreAct-ResNet-18 and WideResNet.
+
+    The shortcut is the identity, or a 1x1 convolution of the pre-activated input where the
+    width or the stride changes."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -132,22 +148,6 @@ def PreActResNet18(*, in_channels: int, out_features: int) -> ResNet18:
 
 
 # ----------------------------------------------------------------------------- WideResNet
-class _WideBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
-        self.shortcut = None if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        short = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + short
-
-
 class WideResNet(nn.Module):
     """WRN-depth-widen (pre-activation blocks), WRN-34-10 by default."""
 
@@ -160,7 +160,7 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         stages, cin = [], widths[0]
         for cout, stride in zip(widths[1:], (1, 2, 2)):
-            stages.append(nn.Sequential(*[_WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+            stages.append(nn.Sequential(*[_PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
                                           for i in range(n)]))
             cin = cout
         self.stages = nn.Sequential(*stages)
@@ -183,7 +183,8 @@ def build_model(name: str, *, in_channels: int, num_classes_or_dim: int, input_s
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
-    for arg, v in (("in_channels", in_channels), ("num_classes_or_dim", num_classes_or_dim), ("input_size", input_size)):
+    for arg, v in (("in_channels", in_channels), ("num_classes_or_dim", num_classes_or_dim),
+                   ("input_size", input_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive integer, got {v!r}")
     if name == "cnn":
@@ -201,3 +202,12 @@ def build_model(name: str, *, in_channels: int, num_classes_or_dim: int, input_s
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean and std need {in_channels} values, got {len(mean)} and {len(std)}")
     return nn.Sequential(Normalize(mean, std), body)
+
+
+def build_network(cfg, *, output_dim: int) -> nn.Module:
+    """The bare network of a resolved ``TrainConfig`` (normalisation included), with
+    ``output_dim`` outputs: the number of classes, or the prototype dimension for DRP."""
+    info = DATASET_INFO[cfg.dataset]
+    c, h, _ = info["shape"]
+    return build_model(cfg.model, in_channels=c, num_classes_or_dim=output_dim, input_size=h,
+                       mean=info["mean"], std=info["std"])

@@ -1,12 +1,12 @@
-"""PNG plots for the training layer: accuracy against eps, training curves and a
-2-D projection of the network outputs with the prototypes marked.
+"""Plots for the training layer: accuracy against eps, training curves and a 2-D
+projection of the network outputs with the prototypes marked.
 
-matplotlib runs with the Agg backend (no display is needed), and every figure is
-written atomically: to a temporary file in the target folder, then renamed.
+matplotlib runs with the Agg backend (no display is needed). Every figure is written
+atomically (``drp_kernels.io.atomic_write``) in the format its file name's extension
+names: PNG, JPEG, PDF or SVG.
 """
 import math
 import os
-import tempfile
 
 import matplotlib
 
@@ -16,49 +16,82 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["plot_accuracy_vs_eps", "plot_training_curves", "plot_projection", "pca_2d", "save_figure"]
+from drp_kernels.io import atomic_write  # noqa: E402
+
+from ._cli_utils import PLOT_SUFFIXES  # noqa: E402
+
+__all__ = [
+    "plot_accuracy_vs_eps",
+    "plot_training_curves",
+    "plot_projection",
+    "pca_2d",
+    "save_figure",
+    "wilson_interval",
+    "PLOT_SUFFIXES",
+]
+
+
+#: File types a figure can be written as, by extension (matplotlib renders each natively;
+#: JPEG goes through Pillow, which matplotlib requires).
+_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
 
 
 def save_figure(fig, path, *, dpi=120):
-    """Save `fig` as PNG to `path` atomically and close it. Returns the path."""
+    """Save ``fig`` atomically to ``path`` in the format its extension names (``PLOT_SUFFIXES``)
+    and close it. Returns the path."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        plt.close(fig)
-        raise ValueError(f"path: folder {folder!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _FORMATS:
+            raise ValueError(f"path: expected a file name ending in {', '.join(PLOT_SUFFIXES)}, got {path!r}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"path: folder {folder!r} does not exist")
+        atomic_write(path, lambda f: fig.savefig(f, format=_FORMATS[ext], dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
 
 
+def wilson_interval(p, n, *, z=1.959963984540054):
+    """The Wilson score interval (low, high) of a proportion ``p`` observed on ``n`` trials
+    (95% for the default z). Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and does not
+    collapse to a point at p = 0 or 1."""
+    if n <= 0:
+        raise ValueError(f"n: expected a number of trials >= 1, got {n}")
+    p = min(max(float(p), 0.0), 1.0)
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _check_curve(name, curve):
     if not isinstance(curve, dict) or "results" not in curve:
-        raise ValueError(f"curves[{name!r}]: expected an accuracy_vs_eps result with 'results', got {type(curve).__name__}")
+        raise ValueError(f"curves[{name!r}]: expected an accuracy_vs_eps result with 'results', "
+                         f"got {type(curve).__name__}")
     for r in curve["results"]:
         if "eps" not in r or "robust_accuracy" not in r:
             raise ValueError(f"curves[{name!r}]: every result needs 'eps' and 'robust_accuracy'")
 
 
-def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps"):
+def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps", n=None):
     """Plot robust accuracy against eps for every model in `curves`.
 
     `curves` maps a model name to an `accuracy_vs_eps` result
     (`{"clean_accuracy": float, "results": [{"eps", "robust_accuracy", ...}, ...]}`).
     The clean accuracy is drawn at eps 0. Accuracies are fractions in [0, 1] and
-    are shown in percent.
+    are shown in percent. With the number of evaluated points (`n`, or a curve's own
+    "n") every point gets its 95% Wilson interval. The eps axis is labelled both as a
+    fraction of the [0, 1] input range (bottom) and in /255 pixel steps (top).
     """
     if not curves:
         raise ValueError("curves: expected at least one model, got none")
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n: expected a number of evaluated points >= 1, got {n!r}")
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    with_ci = False
     for name, curve in curves.items():
         _check_curve(name, curve)
         pts = sorted((float(r["eps"]), float(r["robust_accuracy"])) for r in curve["results"])
@@ -66,11 +99,22 @@ def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf e
             pts.insert(0, (0.0, float(curve["clean_accuracy"])))
         eps = [e for e, _ in pts]
         acc = [100.0 * a for _, a in pts]
-        ax.plot(eps, acc, marker="o", label=str(name))
-    ax.set_xlabel("L-inf eps")
-    ax.set_ylabel("accuracy (%)")
+        (line,) = ax.plot(eps, acc, marker="o", label=str(name))
+        count = curve.get("n", n)
+        if count:
+            lo, hi = zip(*(wilson_interval(a, int(count)) for _, a in pts))
+            ax.fill_between(eps, [100.0 * v for v in lo], [100.0 * v for v in hi], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+            ax.errorbar(eps, acc, yerr=[[max(a - 100.0 * v, 0.0) for a, v in zip(acc, lo)],
+                                        [max(100.0 * v - a, 0.0) for a, v in zip(acc, hi)]],
+                        fmt="none", ecolor=line.get_color(), capsize=3, linewidth=1)
+            with_ci = True
+    ax.set_xlabel("L-inf eps (inputs in [0, 1])")
+    ax.set_ylabel("accuracy (%)" + (", 95% Wilson interval" if with_ci else ""))
     ax.set_ylim(-2, 102)
     ax.grid(True, alpha=0.3)
+    top = ax.secondary_xaxis("top", functions=(lambda e: e * 255.0, lambda k: k / 255.0))
+    top.set_xlabel("eps in /255 pixel steps")
     ax.set_title(title)
     ax.legend()
     return save_figure(fig, path)
@@ -99,17 +143,23 @@ def plot_training_curves(metrics, path, *, title="Training curves"):
                         marker="o", color=color, label=f"{name} test")
         if any(r.get("train_accuracy") is not None for r in rows):
             ep = [e for e, r in zip(epochs, rows) if r.get("train_accuracy") is not None]
+            adversarial = any(r.get("train_on") == "adversarial" for r in rows)
             ax_acc.plot(ep, [100.0 * r["train_accuracy"] for r in rows if r.get("train_accuracy") is not None],
-                        linestyle="--", color=color, alpha=0.6, label=f"{name} train")
+                        linestyle="--", marker="s", markersize=4, color=color, alpha=0.6,
+                        label=f"{name} train" + (" (adversarial)" if adversarial else ""))
         losses = [(e, float(r["train_loss"])) for e, r in zip(epochs, rows) if r.get("train_loss") is not None]
         if losses:
             all_pos = all_pos and all(v > 0 and math.isfinite(v) for _, v in losses)
             ax_loss.plot([e for e, _ in losses], [v for _, v in losses], marker="o", color=color, label=name)
+    all_epochs = sorted({int(r["epoch"]) for rows in metrics.values() for r in rows})
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(all_epochs) == 1:  # one point per series: centre it on its epoch
+            ax.set_xlim(all_epochs[0] - 0.5, all_epochs[0] + 0.5)
+            ax.set_xticks(all_epochs)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy (solid: test, dashed: train)")
+    ax_acc.set_title("accuracy (solid: clean test, dashed: train)")
     ax_acc.grid(True, alpha=0.3)
     ax_acc.legend(fontsize=8)
     ax_loss.set_xlabel("epoch")
@@ -194,5 +244,6 @@ def plot_projection(z, y, prototypes, path, title, *, class_names=None, max_poin
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    # outside the axes, so it never covers the points
+    ax.legend(fontsize=7, markerscale=1.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)

@@ -7,6 +7,17 @@
   train_accuracy, test_accuracy, epoch_time_s, samples_per_s, train_time_s);
 - ``last.pt`` after every epoch (and every ``checkpoint_every`` steps), ``final.pt`` at the end.
 
+``epoch_time_s`` is the time this process spent on the epoch's training steps (mid-epoch
+checkpoint writes excluded) and ``samples_per_s`` the samples it trained on over that time.
+
+Ctrl-C (SIGINT, main thread): the step in flight finishes, ``last.pt`` is written at that
+step boundary and ``TrainingInterrupted`` (exit code 130 in the CLI) names the
+``drp train --resume --out DIR`` command that continues the run. A second Ctrl-C stops at once.
+
+The run is split into ``_setup`` (data, prototypes, network, optimiser), ``_restore`` (the
+checkpoint's states when resuming), ``_epoch`` / ``_step`` and ``_end_of_epoch`` (test
+accuracy, metrics row, ``last.pt``, log line).
+
 Exact resume: every random draw of a step (shuffle, augmentation, attack start) comes
 from a generator seeded by (seed, epoch, step, rank), checkpoints carry the optimiser,
 scheduler, scaler, RNG states and the running sums of the epoch, so ``resume=True``
@@ -25,8 +36,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -36,12 +49,14 @@ from tqdm.auto import tqdm
 import drp_kernels
 
 from . import ddp
-from .checkpoint import (atomic_write, build_network, config_of, load_checkpoint, remove_stale_temporaries,
-                         rng_state, save_checkpoint, set_rng_state)
+from ._cli_utils import pick_device
+from .checkpoint import (atomic_write, config_of, load_checkpoint, remove_stale_temporaries, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .data import DATASET_INFO, augment_batch, check_available, load_dataset
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingInterrupted
 from .methods import DRP, make_method
+from .models import build_network
 
 __all__ = ["train", "RESUME_MUTABLE_KEYS"]
 
@@ -70,18 +85,42 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
 
 def _pick_device(cfg):
-    name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    device = pick_device(cfg.device)
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}")
+        raise ConfigError(f"--device: expected cpu or cuda[:N], got {cfg.device!r}")
     if cfg.amp is not None and device.type != "cuda":
         raise ConfigError(f"--amp {cfg.amp} needs a CUDA device (running on {device.type})")
     return device
+
+
+def _run_label(cfg) -> str:
+    """The name a run's log lines start with: ce, pgd-at, ..., or drp-<metric>."""
+    return f"drp-{cfg.metric}" if cfg.method == "drp" else cfg.method
+
+
+class _StopOnSigint:
+    """While active (main thread only), the first Ctrl-C only sets ``requested``: the loop
+    saves its state at the next step boundary and stops. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _derive_seed(*parts) -> int:
@@ -113,7 +152,8 @@ def _lr_factor(schedule, total):
 class _Trainer:
     def __init__(self, cfg, *, device, info, progress):
         self.cfg, self.device, self.info = cfg, device, info
-        self.progress = progress and info.is_main
+        # bars only on a terminal: redirected logs get the plain per-epoch lines alone
+        self.progress = progress and info.is_main and _is_terminal(sys.stderr)
         self.out = os.path.abspath(cfg.out)
         self.last_path = os.path.join(self.out, "last.pt")
         self.final_path = os.path.join(self.out, "final.pt")
@@ -180,20 +220,35 @@ class _Trainer:
         if resume_ckpt is not None:
             return resume_ckpt["prototypes"].float()
         if cfg.prototypes is not None:
-            try:
-                p = drp_kernels.load_prototypes(cfg.prototypes)
-            except (OSError, RuntimeError, ValueError) as e:
-                raise ConfigError(f"--prototypes {cfg.prototypes} cannot be loaded: {e}") from None
-            p = torch.as_tensor(p, dtype=torch.float32)
-            if p.ndim != 2 or p.shape[0] != num_classes:
-                raise ConfigError(f"--prototypes {cfg.prototypes} holds a tensor of shape {tuple(p.shape)}, "
-                                  f"expected ({num_classes}, D) for {cfg.dataset}")
-            if not torch.isfinite(p).all():
-                raise ConfigError(f"--prototypes {cfg.prototypes} holds NaN or Inf values")
-            return p.cpu()
-        return torch.as_tensor(drp_kernels.repulsive_prototypes(
-            num_classes, cfg.proto_dim, metric=cfg.metric, method=cfg.proto_method, seed=cfg.seed),
-            dtype=torch.float32).cpu()
+            return self._prototypes_from_file(num_classes)
+        try:
+            p = drp_kernels.repulsive_prototypes(num_classes, cfg.proto_dim, metric=cfg.metric,
+                                                 method=cfg.proto_method, seed=cfg.seed)
+        except ValueError as e:  # e.g. a --proto-method made for another geometry than --metric
+            raise ConfigError(f"--proto-method {cfg.proto_method} with --metric {cfg.metric}, "
+                              f"--proto-dim {cfg.proto_dim}: {e}") from None
+        return torch.as_tensor(p, dtype=torch.float32).cpu()
+
+    def _prototypes_from_file(self, num_classes):
+        cfg = self.cfg
+        try:
+            p, info = drp_kernels.load_prototypes(cfg.prototypes, with_info=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--prototypes {cfg.prototypes} cannot be loaded: {e}") from None
+        made_for = info.get("metric")
+        if made_for is not None and made_for != cfg.metric:
+            raise ConfigError(f"--prototypes {cfg.prototypes} holds {made_for} prototypes but --metric is "
+                              f"{cfg.metric}: pass --metric {made_for}, or prototypes made for {cfg.metric}")
+        p = torch.as_tensor(p, dtype=torch.float32)
+        if p.ndim != 2 or p.shape[0] != num_classes:
+            raise ConfigError(f"--prototypes {cfg.prototypes} holds a tensor of shape {tuple(p.shape)}, "
+                              f"expected ({num_classes}, D) for {cfg.dataset}")
+        if cfg.proto_dim is not None and cfg.proto_dim != p.shape[1]:
+            raise ConfigError(f"--proto-dim {cfg.proto_dim} disagrees with --prototypes {cfg.prototypes}, "
+                              f"whose dimension is {p.shape[1]}; leave --proto-dim out")
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"--prototypes {cfg.prototypes} holds NaN or Inf values")
+        return p.cpu()
 
     def _load_resume(self):
         if not self.cfg.resume:
@@ -205,12 +260,11 @@ class _Trainer:
         if self.info.enabled:
             torch.distributed.barrier()
         path = self.final_path if os.path.isfile(self.final_path) else self.last_path
-        if not os.path.isfile(path):
-            log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.out)
-            return None
         ckpt = load_checkpoint(path)
         saved = config_of(ckpt, path).to_dict()
         now = self.cfg.to_dict()
+        if now.get("proto_dim") is None and now.get("prototypes") is not None:
+            now["proto_dim"] = saved.get("proto_dim")  # taken from the --prototypes file when the run began
         diff = sorted(k for k in now if k not in RESUME_MUTABLE_KEYS and saved.get(k) != now[k])
         if diff:
             shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in diff[:4])
@@ -219,173 +273,231 @@ class _Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        cfg, device, info = self.cfg, self.device, self.info
-        check_available(cfg.dataset, data_dir=cfg.data_dir)
+        """Set up, restore (with ``resume``), train the remaining epochs and save ``final.pt``."""
+        check_available(self.cfg.dataset, data_dir=self.cfg.data_dir)
+        if self.cfg.resume and not any(os.path.isfile(p) for p in (self.final_path, self.last_path)):
+            raise CheckpointError(f"--resume: no run to continue in {self.out} (no last.pt or final.pt); "
+                                  "drop --resume to start a new run there")
         self._prepare_out()
         ckpt = self._load_resume()
         if ckpt is not None and ckpt.get("final"):
             log.info("--resume: %s is already finished", self.final_path)
             return self._result(ckpt.get("metrics", []), ckpt.get("train_time_s", 0.0))
+        self._setup(ckpt)
+        self._restore(ckpt)
+        cfg = self.cfg
+        epochs_bar = tqdm(total=cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
+                          disable=not self.progress, dynamic_ncols=True)
+        try:
+            with _StopOnSigint() as stop:
+                self.stop = stop
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    sums, epoch_time, samples = self._epoch(epoch)
+                    test_acc = self._end_of_epoch(epoch, sums, epoch_time, samples)
+                    epochs_bar.update(1)
+                    epochs_bar.set_postfix(test_acc=f"{test_acc:.4f}")
+                    if epoch + 1 < cfg.epochs and self._agree_stop():
+                        self._interrupted(epoch + 1, 0)
+        finally:
+            epochs_bar.close()
+        self._save(self.final_path, epoch=cfg.epochs, step=0, sums=None, final=True)
+        return self._result(self.metrics, self.train_time)
 
+    def _setup(self, ckpt):
+        """Seeds, prototypes, method, network, data, optimiser, schedule and scaler."""
+        cfg, device, info = self.cfg, self.device, self.info
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        info_ds = DATASET_INFO[cfg.dataset]
-        num_classes = info_ds["classes"]
-        prototypes = self._prototypes(num_classes, ckpt)
-        method = make_method(cfg, prototypes=prototypes)
-        out_dim = method.output_dim(num_classes)
-        net = build_network(cfg, output_dim=out_dim)
+        num_classes = DATASET_INFO[cfg.dataset]["classes"]
+        self.prototypes = self._prototypes(num_classes, ckpt)
+        if self.prototypes is not None and self.cfg.proto_dim is None:
+            # the dimension of a --prototypes file, recorded in config.json and the checkpoints
+            self.cfg.proto_dim = int(self.prototypes.shape[1])
+        self.method = make_method(cfg, prototypes=self.prototypes)
+        self.label = _run_label(cfg)
+        net = build_network(cfg, output_dim=self.method.output_dim(num_classes))
         self._check_space(net)
 
         x_train, y_train = load_dataset(cfg.dataset, split="train", data_dir=cfg.data_dir, limit=cfg.limit_train)
         x_test, y_test = load_dataset(cfg.dataset, split="test", data_dir=cfg.data_dir, limit=cfg.limit_test)
         if x_train.shape[0] < info.world_size:
             raise ConfigError(f"--limit-train {x_train.shape[0]} is smaller than the {info.world_size} DDP processes")
-        x_train, y_train = x_train.to(device), y_train.to(device)
-        x_test, y_test = x_test.to(device), y_test.to(device)
+        self.x_train, self.y_train = x_train.to(device), y_train.to(device)
+        self.x_test, self.y_test = x_test.to(device), y_test.to(device)
 
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        net = net.to(device=device, memory_format=memory_format)
-        if isinstance(method, DRP):
-            method.to(device)
-        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-        n_train = x_train.shape[0]
-        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        if info.enabled and n_train - (steps_per_epoch - 1) * cfg.batch_size < info.world_size:
-            steps_per_epoch -= 1  # the last global batch would leave a rank without samples
-        total_steps = steps_per_epoch * cfg.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.schedule, total_steps))
-        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.net = net.to(device=device, memory_format=self.memory_format)
+        if isinstance(self.method, DRP):
+            self.method.to(device)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        n_train = self.x_train.shape[0]
+        steps = math.ceil(n_train / cfg.batch_size)
+        if info.enabled and n_train - (steps - 1) * cfg.batch_size < info.world_size:
+            steps -= 1  # the last global batch would leave a rank without samples
+        self.steps_per_epoch = steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        metrics, train_time, start_epoch, start_step = [], 0.0, 0, 0
-        sums0 = None
-        if ckpt is not None:
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt.get("scaler") is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            metrics = list(ckpt.get("metrics", []))
-            train_time = float(ckpt.get("train_time_s", 0.0))
-            start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-            sums0 = ckpt.get("epoch_sums")
-            if start_step >= steps_per_epoch:
-                raise CheckpointError(f"--resume: {self.last_path} is at step {start_step} of an epoch of "
-                                      f"{steps_per_epoch} steps; the data size changed")
-            if info.is_main:
-                self._rewrite_metrics(metrics)
-                log.info("resuming %s at epoch %d step %d", self.out, start_epoch + 1, start_step)
-        if info.is_main:
-            if ckpt is None:
-                self._rewrite_metrics([])
-            self._write_json_config()
-
-        model = net
+        model = self.net
         if info.enabled:
             model = nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
-        attack_model = method.classifier(net)
-        train_forward = model
+                self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.train_forward, self.attack_model = model, self.method.classifier(self.net)
         if cfg.compile:
-            train_forward = torch.compile(model)
-            attack_model = torch.compile(attack_model)
-        autocast = self._autocast()
-        classifier = method.classifier(net)
+            self.train_forward = torch.compile(model)
+            self.attack_model = torch.compile(self.attack_model)
+        self.autocast = self._autocast()
+        self.classifier = self.method.classifier(self.net)
+        self.state = dict(net=self.net, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                          prototypes=self.prototypes)
 
-        self.state = dict(net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, prototypes=prototypes)
+    def _restore(self, ckpt):
+        """Load the states of ``ckpt`` (or start at zero) and (re)write metrics.jsonl and config.json."""
+        self.metrics, self.train_time, self.start_epoch, self.start_step, self.start_sums = [], 0.0, 0, 0, None
+        if ckpt is not None:
+            self.net.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler") is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            self.metrics = list(ckpt.get("metrics", []))
+            self.train_time = float(ckpt.get("train_time_s", 0.0))
+            self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt["step"])
+            self.start_sums = ckpt.get("epoch_sums")
+            if self.start_step >= self.steps_per_epoch:
+                raise CheckpointError(f"--resume: {self.last_path} is at step {self.start_step} of an epoch of "
+                                      f"{self.steps_per_epoch} steps; the data size changed")
+            if self.info.is_main:
+                log.info("%s: resuming %s at epoch %d step %d", self.label, self.out, self.start_epoch + 1,
+                         self.start_step)
+        self.global_step = self.start_epoch * self.steps_per_epoch + self.start_step
+        if self.info.is_main:
+            self._rewrite_metrics(self.metrics)
+            self._write_json_config()
+
+    def _epoch(self, epoch):
+        """Train one epoch (from ``start_step`` when resuming into it); returns (sums, seconds, samples).
+
+        ``sums`` holds (loss * n, correct, n) over the whole epoch, resumed part included;
+        the seconds and samples count only the steps run by this process, without the time
+        spent writing mid-epoch checkpoints.
+        """
+        cfg, device = self.cfg, self.device
+        first = self.start_step if epoch == self.start_epoch else 0
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        if epoch == self.start_epoch and self.start_sums is not None:
+            sums = torch.as_tensor(self.start_sums, dtype=torch.float64).to(device)
+        samples_before = float(sums[2])
+        perm = torch.randperm(self.x_train.shape[0], generator=torch.Generator().manual_seed(
+            _derive_seed(cfg.seed, epoch, 0x5EED))).to(device)
         step_sleep = float(os.environ.get("DRP_TRAIN_TEST_STEP_SLEEP", "0") or 0)
-        epochs_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="epochs", unit="epoch",
-                          disable=not self.progress, dynamic_ncols=True)
-        global_step = start_epoch * steps_per_epoch + start_step
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                first = start_step if epoch == start_epoch else 0
-                sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-                if epoch == start_epoch and sums0 is not None:
-                    sums = torch.as_tensor(sums0, dtype=torch.float64).to(device)
-                perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(
-                    _derive_seed(cfg.seed, epoch, 0x5EED))).to(device)
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", leave=False, disable=not self.progress, dynamic_ncols=True)
+        epoch_time, t0 = 0.0, time.perf_counter()
+        self.net.train()
+        for step in range(first, self.steps_per_epoch):
+            loss = self._step(epoch, step, perm, sums)
+            bar.update(1)
+            if self.progress and (step % 20 == 0 or step == self.steps_per_epoch - 1):
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if step_sleep:
+                time.sleep(step_sleep)
+            last_step = step + 1 == self.steps_per_epoch
+            periodic = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
+            stop = not last_step and self._agree_stop()
+            if not last_step and (periodic or stop):
+                self._check_weights(epoch, step)
+                now = time.perf_counter()
+                epoch_time += now - t0
+                self.train_time += now - t0
+                self._save(self.last_path, epoch=epoch, step=step + 1, sums=sums)
+                if stop:
+                    bar.close()
+                    self._interrupted(epoch, step + 1)
                 t0 = time.perf_counter()
-                bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           unit="batch", leave=False, disable=not self.progress, dynamic_ncols=True)
-                net.train()
-                for step in range(first, steps_per_epoch):
-                    idx = ddp.shard(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], info)
-                    gen = torch.Generator(device=device).manual_seed(_derive_seed(cfg.seed, epoch, step, info.rank))
-                    xb = x_train[idx]
-                    if cfg.augment:
-                        xb = augment_batch(xb, generator=gen)
-                    xb = xb.float().div_(255.0).contiguous(memory_format=memory_format)
-                    yb = y_train[idx]
-                    loss, logits = method.loss(train_forward, attack_model, xb, yb, generator=gen, autocast=autocast)
-                    bad = not bool(torch.isfinite(loss.detach()))
-                    if ddp.broadcast_flag(bad, info, device=self._flag_device()):
-                        raise NonFiniteLossError(
-                            f"the training loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1} "
-                            f"(global step {global_step + 1}); stopped without saving a checkpoint "
-                            f"(try a smaller --lr than {cfg.lr:g})")
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    scheduler.step()
-                    global_step += 1
-                    with torch.no_grad():
-                        n = yb.shape[0]
-                        sums += torch.stack([loss.detach().double() * n,
-                                             (logits.argmax(1) == yb).sum().double(),
-                                             torch.tensor(float(n), dtype=torch.float64, device=device)])
-                    bar.update(1)
-                    if self.progress and (step % 20 == 0 or step == steps_per_epoch - 1):
-                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                    if step_sleep:
-                        time.sleep(step_sleep)
-                    if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                        self._check_weights(epoch, step)
-                        train_time += time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self._save(self.last_path, epoch=epoch, step=step + 1, global_step=global_step,
-                                   metrics=metrics, train_time=train_time, sums=sums)
-                bar.close()
-                train_time += time.perf_counter() - t0
-                epoch_time = time.perf_counter() - t0
-                self._check_weights(epoch, steps_per_epoch - 1)
-                totals = ddp.all_reduce_sum(sums.clone(), info).tolist()
-                test_acc = self._evaluate(classifier, x_test, y_test, autocast)
-                row = {
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": totals[0] / max(totals[2], 1.0),
-                    "train_accuracy": totals[1] / max(totals[2], 1.0),
-                    "train_on": "adversarial" if method.adversarial else "clean",
-                    "test_accuracy": test_acc,
-                    "epoch_time_s": epoch_time,
-                    "samples_per_s": totals[2] / max(epoch_time, 1e-9) if first == 0 else None,
-                    "train_time_s": train_time,
-                }
-                metrics.append(row)
-                self._save(self.last_path, epoch=epoch + 1, step=0, global_step=global_step, metrics=metrics,
-                           train_time=train_time, sums=None)
-                if info.is_main:
-                    with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    log.info("epoch %d/%d  loss %.4f  train acc %.4f  test acc %.4f  %.1fs", epoch + 1, cfg.epochs,
-                             row["train_loss"], row["train_accuracy"], test_acc, epoch_time)
-                epochs_bar.update(1)
-                epochs_bar.set_postfix(test_acc=f"{test_acc:.4f}")
-        finally:
-            epochs_bar.close()
-        self._save(self.final_path, epoch=cfg.epochs, step=0, global_step=global_step, metrics=metrics,
-                   train_time=train_time, sums=None, final=True)
-        return self._result(metrics, train_time)
+        bar.close()
+        now = time.perf_counter()
+        epoch_time += now - t0
+        self.train_time += now - t0
+        self._check_weights(epoch, self.steps_per_epoch - 1)
+        return sums, epoch_time, float(sums[2]) - samples_before
+
+    def _step(self, epoch, step, perm, sums):
+        """One optimiser step on the step-th batch of ``perm``; adds its loss and accuracy to ``sums``."""
+        cfg, device, info = self.cfg, self.device, self.info
+        idx = ddp.shard(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], info)
+        gen = torch.Generator(device=device).manual_seed(_derive_seed(cfg.seed, epoch, step, info.rank))
+        xb = self.x_train[idx]
+        if cfg.augment:
+            xb = augment_batch(xb, generator=gen)
+        xb = xb.float().div_(255.0).contiguous(memory_format=self.memory_format)
+        yb = self.y_train[idx]
+        loss, logits = self.method.loss(self.train_forward, self.attack_model, xb, yb, generator=gen,
+                                        autocast=self.autocast)
+        bad = not bool(torch.isfinite(loss.detach()))
+        if ddp.broadcast_flag(bad, info, device=self._flag_device()):
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1} "
+                f"(global step {self.global_step + 1}); stopped without saving a checkpoint "
+                f"(try a smaller --lr than {cfg.lr:g})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        with torch.no_grad():
+            n = yb.shape[0]
+            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == yb).sum().double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+        return loss
+
+    def _end_of_epoch(self, epoch, sums, epoch_time, samples):
+        """Test accuracy, the metrics row, last.pt and the log line; returns the test accuracy."""
+        cfg, info = self.cfg, self.info
+        totals = ddp.all_reduce_sum(sums.clone(), info).tolist()
+        samples = ddp.all_reduce_sum(torch.tensor([samples], dtype=torch.float64, device=self.device),
+                                     info).item()
+        test_acc = self._evaluate(self.classifier, self.x_test, self.y_test, self.autocast)
+        row = {
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": totals[0] / max(totals[2], 1.0),
+            "train_accuracy": totals[1] / max(totals[2], 1.0),
+            "train_on": "adversarial" if self.method.adversarial else "clean",
+            "test_accuracy": test_acc,
+            "epoch_time_s": epoch_time,
+            "samples_per_s": samples / max(epoch_time, 1e-9),
+            "train_time_s": self.train_time,
+        }
+        self.metrics.append(row)
+        self._save(self.last_path, epoch=epoch + 1, step=0, sums=None)
+        if info.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            acc = "adv train acc" if self.method.adversarial else "train acc"
+            log.info("%s: epoch %d/%d  loss %.4f  %s %.4f  test acc %.4f  %.1fs", self.label, epoch + 1,
+                     cfg.epochs, row["train_loss"], acc, row["train_accuracy"], test_acc, epoch_time)
+        return test_acc
+
+    def _agree_stop(self) -> bool:
+        """Whether Ctrl-C was pressed (on any rank)."""
+        if not self.info.enabled:
+            return self.stop.requested
+        return ddp.broadcast_flag(self.stop.requested, self.info, device=self._flag_device())
+
+    def _interrupted(self, epoch, step):
+        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch + 1} step {step}"
+        raise TrainingInterrupted(
+            f"interrupted {where}; saved {self.last_path}. Continue with: drp train --resume --out {self.cfg.out}")
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -419,10 +531,11 @@ class _Trainer:
         self.state["net"].train()
         return total[0] / max(total[1], 1.0)
 
-    def _save(self, path, *, epoch, step, global_step, metrics, train_time, sums, final=False):
+    def _save(self, path, *, epoch, step, sums, final=False):
         if not self.info.is_main:
             return
         s = self.state
+        global_step, metrics, train_time = self.global_step, self.metrics, self.train_time
         payload = {
             "final": final,
             "config": self.cfg.to_dict(),
@@ -464,6 +577,13 @@ class _Trainer:
             "metrics": [dict(m) for m in metrics],
             "config": self.cfg.to_dict(),
         }
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _plain_scheduler_state(scheduler):
