@@ -72,13 +72,7 @@ struct PowPlan {
 #define LPD_NV 2
 #define LPD_BRB 4
 #define LPD_BRN 4
-#include "lp_dist_kernels.h"
-#undef LPD_NS
-#undef LPD_VB
-#undef LPD_RB
-#undef LPD_NV
-#undef LPD_BRB
-#undef LPD_BRN
+#include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -89,13 +83,7 @@ struct PowPlan {
 #define LPD_NV 2
 #define LPD_BRB 2
 #define LPD_BRN 4
-#include "lp_dist_kernels.h"
-#undef LPD_NS
-#undef LPD_VB
-#undef LPD_RB
-#undef LPD_NV
-#undef LPD_BRB
-#undef LPD_BRN
+#include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
 #pragma GCC pop_options
 #endif  // LPD_X86_COPIES
 
@@ -105,13 +93,7 @@ struct PowPlan {
 #define LPD_NV 2
 #define LPD_BRB 2
 #define LPD_BRN 4
-#include "lp_dist_kernels.h"
-#undef LPD_NS
-#undef LPD_VB
-#undef LPD_RB
-#undef LPD_NV
-#undef LPD_BRB
-#undef LPD_BRN
+#include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
 
 namespace {
 

@@ -443,3 +443,11 @@ static void bwd_rows_f64(const double* x, const double* w, const double* cT, con
 }
 
 }  // namespace LPD_NS
+
+// Each inclusion instantiates one copy; the parameters are cleared for the next one.
+#undef LPD_NS
+#undef LPD_VB
+#undef LPD_RB
+#undef LPD_NV
+#undef LPD_BRB
+#undef LPD_BRN

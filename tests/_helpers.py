@@ -177,3 +177,16 @@ def train_small(model, loss_fn, x, y, *, epochs=2):
     for p in model.parameters():
         p.grad = None
     return model.eval()
+
+
+class NoisyLogits(torch.nn.Module):
+    """A randomised model: ``net(x)`` plus Gaussian noise of standard deviation ``scale``."""
+
+    def __init__(self, net, scale=0.5):
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, x):
+        out = self.net(x)
+        return out + self.scale * torch.randn_like(out)

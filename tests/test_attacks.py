@@ -10,7 +10,7 @@ from torch import nn
 import drp_kernels
 from drp_kernels import attacks as A
 
-from _helpers import FMNIST_DIR as FMNIST, load_fmnist, small_cnn  # noqa: E402
+from _helpers import FMNIST_DIR as FMNIST, NoisyLogits, load_fmnist, small_cnn  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
@@ -217,20 +217,10 @@ class _Rounded(nn.Module):
         return self.net(torch.round(x * 255) / 255)
 
 
-class _Noisy(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        out = self.net(x)
-        return out + 0.5 * torch.randn_like(out)
-
-
 @pytest.mark.parametrize("wrap,expected", [
     (_Rounded, ("zero gradients", "black-box beats white-box", "not at chance at large eps")),
     (lambda net: nn.Sequential(net, nn.Softmax(dim=1)), ("probabilities",)),
-    (_Noisy, ("random",)),
+    (NoisyLogits, ("random",)),
 ])
 def test_flags_fire_on_broken_models(data, wrap, expected):
     net, x, y = data

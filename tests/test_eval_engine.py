@@ -14,7 +14,8 @@ import drp_kernels
 from drp_kernels import attacks as A
 from drp_kernels import reference
 
-from _helpers import FMNIST_DIR as FMNIST, load_fmnist as _load, small_cnn as _cnn, train_small as _train  # noqa: E402
+from _helpers import FMNIST_DIR as FMNIST, NoisyLogits  # noqa: E402
+from _helpers import load_fmnist as _load, small_cnn as _cnn, train_small as _train  # noqa: E402
 EPS = 0.1
 pytestmark = [pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the dataset-fashion-mnist package"),
               pytest.mark.usefixtures("one_thread")]
@@ -108,24 +109,14 @@ def test_paper_suite_refuses_other_models(models):
 
 
 # ------------------------------------------------------------------- monotone sweeps
-class _Noisy(nn.Module):
-    """A randomised model: evaluated at each eps on its own, its robust accuracy can rise."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        out = self.net(x)
-        return out + 2.0 * torch.randn_like(out)
-
 
 def test_sweep_is_monotone_by_construction(models, monkeypatch):
     ev = importlib.import_module("drp_kernels.attacks.evaluate")
     monkeypatch.setitem(ev.SUITES, "quick", {"ce_steps": 2, "t_steps": 2, "n_targets": 2, "square_queries": 0})
     nets, x, y = models
     torch.manual_seed(0)
-    model = _Noisy(nets["ce"])
+    # a randomised model: evaluated at each eps on its own, its robust accuracy can rise
+    model = NoisyLogits(nets["ce"], scale=2.0)
     eps_list = [0.02, 0.0, 0.01, 0.015, 0.005, 0.02]
     r = A.accuracy_vs_eps(model, x, y, eps_list=eps_list, suite="quick", progress=False, checks=False)
     assert [e["eps"] for e in r["results"]] == eps_list
