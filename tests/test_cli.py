@@ -1,5 +1,6 @@
 """The `drp` command line: subcommands end to end and one-line errors (exit 2) on misuse."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -341,3 +342,10 @@ def test_warnings_are_one_line_without_paths_and_flags_are_not_repeated(capsys, 
     rc, out, err = call_main(capsys, "prototypes", "--classes", "3", "--dim", "4", "--out", "unused.pt")
     assert rc == 0
     assert err.splitlines() == ["drp: warning: something else"], err
+
+
+def test_main_hands_the_library_logger_back(capsys):
+    attacks_log = logging.getLogger("drp_kernels.attacks")
+    before = (list(attacks_log.handlers), attacks_log.level, attacks_log.propagate)
+    assert main(["prototypes", "--classes", "3", "--dim", "4", "--out", "/nonexistent-dir/p.pt"]) == 2
+    assert (list(attacks_log.handlers), attacks_log.level, attacks_log.propagate) == before

@@ -5,6 +5,7 @@ flag, impossible value, missing dataset, wrong checkpoint) ends with one line on
 stderr, ``drp: error: <message>``, and exit code 2; no traceback.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -248,7 +249,22 @@ class _TqdmHandler(logging.Handler):
 
 
 # The training layer's log and the attack engine's progress lines (when stderr is not a terminal).
-_LOGGERS = (log, logging.getLogger("drp_kernels.attacks"))
+_ATTACKS_LOG = logging.getLogger("drp_kernels.attacks")
+_LOGGERS = (log, _ATTACKS_LOG)
+
+
+@contextlib.contextmanager
+def _library_logging_restored():
+    # The library's logger is the caller's to configure: `main` borrows it for one command and
+    # hands it back as it found it (handlers, level, propagation), so an in-process caller
+    # (a notebook, a test) keeps its own logging set-up.
+    state = (list(_ATTACKS_LOG.handlers), _ATTACKS_LOG.level, _ATTACKS_LOG.propagate)
+    try:
+        yield
+    finally:
+        _ATTACKS_LOG.handlers[:] = state[0]
+        _ATTACKS_LOG.setLevel(state[1])
+        _ATTACKS_LOG.propagate = state[2]
 
 
 def _configure_logging(quiet: bool):
@@ -281,8 +297,8 @@ def main(argv=None) -> int:
     if args.command is None:
         print("drp: error: choose a subcommand: prototypes, train, eval, compare", file=sys.stderr)
         return 2
-    _configure_logging(bool(getattr(args, "quiet", False)))
-    with warnings.catch_warnings():
+    with _library_logging_restored(), warnings.catch_warnings():
+        _configure_logging(bool(getattr(args, "quiet", False)))
         # the evaluation's flags are printed once, in its result table and report
         warnings.filterwarnings("ignore", category=RobustnessWarning)
         warnings.showwarning = _show_warning  # restored by catch_warnings
