@@ -8,18 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops.lp_dist import lp_dist
+from .ops.lp_dist import check_p, lp_dist
 
 __all__ = ["LpDist"]
-
-
-def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"p must be a float in [1, inf], got {type(p).__name__}")
-    p = float(p)
-    if math.isnan(p) or p < 1.0:
-        raise ValueError(f"p must be a float in [1, inf] (math.inf allowed), got {p!r}")
-    return p
 
 
 class LpDist(nn.Module):
@@ -96,7 +87,7 @@ class LpDist(nn.Module):
 
     @p.setter
     def p(self, value) -> None:
-        self._p = _check_p(value)
+        self._p = check_p(value)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

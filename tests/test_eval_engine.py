@@ -1,5 +1,6 @@
 """The evaluation engine: the paper's protocol as a suite, both decision rules, monotone
 sweeps, per-point early exit, progress reporting, and `drp eval --suite paper standard`."""
+import contextlib
 import importlib
 import json
 import logging
@@ -60,28 +61,32 @@ def _plain_paper_pgd(model, x, y, eps, steps):
 
 
 # ----------------------------------------------------------------- the paper suite
+@contextlib.contextmanager
+def _deciding(model, decision):
+    """The shared DRP model under ``decision`` for one test; "nearest" again afterwards."""
+    model.decision = decision
+    try:
+        yield model
+    finally:
+        model.decision = "nearest"
+
+
 @pytest.mark.parametrize("decision", ["nearest", "paper"])
 def test_paper_pgd_matches_the_plain_loop(models, decision):
     nets, x, y = models
-    m = nets["drp"]
-    m.decision = decision
-    try:
+    with _deciding(nets["drp"], decision) as m:
         ours = A.paper_pgd(m, x, y, eps=EPS, steps=10)
         plain = _plain_paper_pgd(m, x, y, EPS, 10)
         assert ours.shape == x.shape and not ours.requires_grad
         assert bool(((ours - x).abs() <= EPS).all() and (ours >= 0).all() and (ours <= 1).all())
         torch.testing.assert_close(ours, plain, atol=1e-6, rtol=0)
         assert _accuracy(m, ours, y) < _accuracy(m, x, y)
-    finally:
-        m.decision = "nearest"
 
 
 @pytest.mark.parametrize("decision", ["nearest", "paper"])
 def test_paper_suite_reports_the_paper_attack(models, decision):
     nets, x, y = models
-    m = nets["drp"]
-    m.decision = decision
-    try:
+    with _deciding(nets["drp"], decision) as m:
         r = A.evaluate(m, x, y, eps=EPS, suite="paper", progress=False, checks=False)
         assert list(r["per_attack"]) == ["paper-pgd-20"]
         assert r["clean_accuracy"] == pytest.approx(_accuracy(m, x, y))
@@ -92,8 +97,6 @@ def test_paper_suite_reports_the_paper_attack(models, decision):
         # the standard-strength APGD suite is at least as strong as the paper's single-direction attack
         q = A.evaluate(m, x, y, eps=EPS, suite="quick", progress=False, checks=False)
         assert q["robust_accuracy"] <= r["robust_accuracy"]
-    finally:
-        m.decision = "nearest"
 
 
 def test_paper_suite_refuses_other_models(models):

@@ -401,16 +401,22 @@ if _C is not None:
 
 
 # ------------------------------------------------------------------------ public API
-def _check(x, w, p) -> float:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+def check_p(p) -> float:
+    """``p`` as a float in [1, inf] (``math.inf`` allowed); TypeError / ValueError otherwise."""
     if isinstance(p, bool) or not isinstance(p, Real):
         raise TypeError(f"p must be a float in [1, inf], got {type(p).__name__}")
     p = float(p)
     if math.isnan(p) or p < 1.0:
         raise ValueError(f"p must be a float in [1, inf] (math.inf allowed), got {p!r}")
+    return p
+
+
+def _check(x, w, p) -> float:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    p = check_p(p)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (B, D), got shape {tuple(x.shape)}")
     if w.dim() != 2:
