@@ -6,6 +6,7 @@ from .functional import proto_loss, proto_logits, paper_logits, repulsion_energy
 from .modules import ProtoLoss, ProtoClassifier
 from .ops.lp_dist import lp_dist
 from .layers import LpDist
+from .certified import LinfDistNet, certify
 from .prototypes import repulsive_prototypes, separation, save_prototypes, load_prototypes
 from . import attacks
 
@@ -20,6 +21,8 @@ __all__ = [
     "repulsion_energy",
     "lp_dist",
     "LpDist",
+    "LinfDistNet",
+    "certify",
     "ProtoLoss",
     "ProtoClassifier",
     "repulsive_prototypes",

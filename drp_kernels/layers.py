@@ -89,6 +89,15 @@ class LpDist(nn.Module):
     def p(self, value) -> None:
         self._p = check_p(value)
 
+    def get_extra_state(self):
+        # p is saved with the weights, so a checkpoint of an annealed (p = inf) layer reloads as one
+        return {"p": self._p}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or "p" not in state:
+            raise RuntimeError("LpDist: the state holds no p")
+        self.p = state["p"]
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.normal_(0.0, 1.0)

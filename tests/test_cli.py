@@ -301,7 +301,7 @@ def test_train_help_derives_defaults_from_trainconfig():
     res = run_drp("train", "--help")
     text = " ".join(res.stdout.split())
     d = TrainConfig()
-    assert f"(default {d.epochs})" in text and f"(default {d.batch_size})" in text
+    assert f"(default {d.epochs})" in text and f"(default {d.resolved().batch_size}; 512 for certified)" in text
     assert f"{default_lr(dataset='fashion-mnist', method='drp'):g} for drp" in text
     assert f"{default_lr(dataset='fashion-mnist', method='drp', proto_method='paper'):g} for drp with paper" in text
 

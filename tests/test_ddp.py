@@ -53,3 +53,19 @@ def test_two_process_gloo_matches_single_process(tmp_path, method):
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4,
                                    msg=lambda m, k=k: f"{k}: {m}")
     assert not [n for n in os.listdir(dist_out) if n.startswith((".tmp-", ".drp-probe"))]
+
+
+def test_two_process_certified_training_runs(tmp_path):
+    # the mean shift uses each rank's own batch (like unsynchronised BatchNorm), so the weights
+    # differ from a single process; the run must still train every parameter and end at p = inf
+    folder, _ = make_idx_dataset(str(tmp_path / "data"), n_train=128, n_test=32, seed=6)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", folder, "--method", "certified", "--depth", "2",
+            "--width", "16", "--epochs", "2", "--batch-size", "32", "--cert-ce-weight", "0", "--out", str(out),
+            "--quiet"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "drp_train", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = load_checkpoint(str(out / "final.pt"))
+    assert ckpt["model"]["_extra_state"]["head_p"] == float("inf")

@@ -299,7 +299,7 @@ def test_presets_and_compare_settings_derive_from_trainconfig():
 
     d = TrainConfig()
     for name, preset in compare.PRESETS.items():
-        assert preset["batch_size"] == d.batch_size, name
+        assert preset["batch_size"] == d.resolved().batch_size, name
         assert preset["dataset"] == d.dataset, name
         # None: drp train resolves it per dataset and method, exactly as a plain `drp train` would
         assert preset["lr"] is None and preset["model"] is None and preset["train_eps"] is None, name

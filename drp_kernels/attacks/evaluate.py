@@ -265,7 +265,7 @@ def evaluate(model, x, y, *, eps, suite="standard", batch_size=256, norm="linf",
 
 
 def accuracy_vs_eps(model, x, y, *, eps_list, suite="standard", batch_size=256, norm="linf", seed=0,
-                    progress=True, checks=True, check_samples=64, compile=False):
+                    progress=True, checks=True, check_samples=64, compile=False, return_points=False):
     """Robust accuracy for each eps in eps_list (the "large perturbations" curve), monotone by
     construction: the eps run in increasing order, a point broken at a smaller eps counts as
     broken at the larger ones and is not attacked again, and each larger eps starts its first
@@ -278,6 +278,9 @@ def accuracy_vs_eps(model, x, y, *, eps_list, suite="standard", batch_size=256, 
     are reported in the top-level "flags"; the per-eps checks (single-step, black-box, more
     iterations) in each result's "flags". The chance check uses the curve's value at its
     largest eps when that eps is >= 0.5 (linf) / 0.5 sqrt(d) (l2), else a probe.
+
+    ``return_points=True`` adds "robust" to each result: a (N,) bool CPU tensor, True where the
+    point is classified correctly and no attack broke it at that eps.
     """
     y, norm, batch_size = _validate_eval(model, x, y, suite, batch_size, norm, seed, check_samples)
     if isinstance(eps_list, (str, bytes)) or not hasattr(eps_list, "__iter__"):
@@ -302,6 +305,8 @@ def accuracy_vs_eps(model, x, y, *, eps_list, suite="standard", batch_size=256, 
                                        label=f"eps {_fmt_eps(e)} ")
             results[k] = {"eps": e, "robust_accuracy": r["robust_accuracy"], "per_attack": r["per_attack"],
                           "flags": r["flags"], "timings": r["timings"]}
+            if return_points:
+                results[k]["robust"] = alive.detach().to("cpu", torch.bool).clone()
         if checks and check_samples > 0:
             flags, _ = _run_checks(model, x, y, measured=[(r["eps"], r["robust_accuracy"]) for r in results],
                                    norm=norm, seed=seed, check_samples=check_samples, device=device,

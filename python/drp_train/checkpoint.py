@@ -178,7 +178,8 @@ def load_classifier(path: str, *, device: Optional[str] = None) -> nn.Module:
     """An eval-mode module mapping inputs in [0, 1] to logits, from a run folder or a .pt file.
 
     DRP runs give a ``drp_kernels.ProtoClassifier`` (network + prototypes + metric), the
-    other methods the network itself.
+    other methods the network itself (a ``drp_kernels.LinfDistNet`` for ``certified``, which
+    ``drp_kernels.certify`` accepts).
     """
     resolved = resolve_checkpoint_path(path)
     data = load_checkpoint(resolved)

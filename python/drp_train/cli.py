@@ -64,10 +64,10 @@ _S = argparse.SUPPRESS
 
 
 def _add_train_parser(sub):
-    from .config import DATASETS, METHODS, MODELS, PRESETS, SCHEDULES, describe_default as d
+    from .config import DATASETS, HEADS, METHODS, MODELS, OPTIMIZERS, PRESETS, SCHEDULES, describe_default as d
 
     p = sub.add_parser(
-        "train", help="train a model (drp, ce, pgd-at, trades, fast-at)",
+        "train", help="train a model (drp, ce, pgd-at, trades, fast-at, certified)",
         description="Train one model. Writes config.json, metrics.jsonl (one line per epoch), last.pt "
                     "(every epoch) and final.pt in --out. Options not given come from --preset, else the "
                     "defaults of drp_train.config.TrainConfig; with --resume, from the run's checkpoint. "
@@ -88,11 +88,22 @@ def _add_train_parser(sub):
     a("--drp-ce-weight", type=float, default=_S,
       help=f"weight of ProtoLoss' optional CE term (default {d('drp_ce_weight')})")
     a("--model", choices=MODELS, default=_S, help=f"default {d('model')}")
+    a("--depth", type=int, default=_S, help=f"linf-dist: hidden LpDist layers (default {d('depth')})")
+    a("--width", type=int, default=_S,
+      help=f"linf-dist: neurons per hidden layer, also the prototype dimension (default {d('width')})")
+    a("--head", choices=HEADS, default=_S,
+      help=f"linf-dist: learnable prototypes with per-class offsets, or fixed DRP box prototypes "
+           f"(default {d('head')})")
+    a("--eps-train", type=parse_eps, default=_S, metavar="EPS",
+      help=f"certified: the radius of the training margin (default {d('eps_train')})")
+    a("--cert-ce-weight", type=float, default=_S,
+      help=f"certified: weight of the cross-entropy term beside the clipped hinge (default {d('cert_ce_weight')})")
+    a("--optimizer", choices=OPTIMIZERS, default=_S, help=f"default {d('optimizer')}")
     a("--epochs", type=int, default=_S, help=f"default {d('epochs')}")
     a("--batch-size", type=int, default=_S, help=f"global batch size (default {d('batch_size')})")
     a("--lr", type=float, default=_S, help=f"peak learning rate (default {d('lr')})")
     a("--schedule", choices=SCHEDULES, default=_S, help=f"per-step lr schedule (default {d('schedule')})")
-    a("--momentum", type=float, default=_S, help=f"SGD momentum (default {d('momentum')})")
+    a("--momentum", type=float, default=_S, help=f"SGD momentum, or Adam beta1 (default {d('momentum')})")
     a("--weight-decay", type=float, default=_S, help=f"default {d('weight_decay')}")
     a("--eps", type=parse_eps, default=_S, metavar="EPS",
       help=f"L-inf budget of adversarial training, a number or a fraction such as 8/255 (default {d('eps')})")
@@ -139,7 +150,7 @@ def _unavailable(name, error):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drp", description="Deep Repulsive Prototypes: train and evaluate robust models")
-    sub = p.add_subparsers(dest="command", metavar="{prototypes,train,eval,compare}")
+    sub = p.add_subparsers(dest="command", metavar="{prototypes,train,eval,plot,compare}")
     _add_prototypes_parser(sub)
     _add_train_parser(sub)
     _add_lazy_parser(sub, "eval", "evaluation", "add_eval_arguments", "run_eval",
@@ -148,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "the attack suites (--suite, e.g. `paper standard` side by side) at each L-inf eps, on the "
                      "first --limit test points. Prints the table; --json writes the report and --plot an "
                      "accuracy-vs-eps plot.")
+    _add_lazy_parser(sub, "plot", "evaluation", "add_plot_arguments", "run_plot",
+                     "plot several `drp eval` reports together",
+                     "Draw the accuracy-vs-eps curves of several `drp eval --json` reports in one plot, with "
+                     "95%% Wilson intervals; certified accuracy (linf-dist models) is drawn dashed.")
     _add_lazy_parser(sub, "compare", "compare", "add_compare_arguments", "run_compare",
                      "train CE, DRP-linf, DRP-cosine and PGD-AT alike and compare their robustness",
                      "Train several methods with the same network, data and budget, evaluate each under the "

@@ -19,7 +19,7 @@ import torch
 
 import drp_kernels
 
-from .config import TrainConfig
+from .config import DEFAULT_BATCH_SIZE, TrainConfig
 from ._cli_utils import (
     atomic_write,
     check_eps_list,
@@ -70,7 +70,8 @@ def _compare_preset(**settings) -> dict:
     """A `drp compare` preset: TrainConfig's defaults for the training options (None where
     TrainConfig resolves them per dataset and method), the evaluation defaults, then ``settings``."""
     d = TrainConfig()
-    base = {"dataset": d.dataset, "model": d.model, "epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr,
+    base = {"dataset": d.dataset, "model": d.model, "epochs": d.epochs, "batch_size": DEFAULT_BATCH_SIZE[False],
+            "lr": d.lr,
             "limit_train": d.limit_train, "limit_test": d.limit_test, "train_eps": d.eps,
             "attack_steps": d.attack_steps, "methods": list(DEFAULT_METHODS), **_EVAL_DEFAULTS}
     unknown = sorted(set(settings) - set(base))
@@ -108,7 +109,7 @@ def add_compare_arguments(parser):
       help=f"subset of {', '.join(METHODS)} (default: the preset's; full: {' '.join(DEFAULT_METHODS)})")
     a("--model", default=None, help="network for every method (preset: cnn)")
     a("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
-    a("--batch-size", type=int, default=None, help=f"training batch size (default {TrainConfig.batch_size})")
+    a("--batch-size", type=int, default=None, help=f"training batch size (default {DEFAULT_BATCH_SIZE[False]})")
     a("--lr", type=float, default=None, help="learning rate for every method (default: drp train's)")
     a("--weight-decay", type=float, default=None, help="weight decay for every method (default: drp train's)")
     a("--train-eps", type=parse_eps, default=None, metavar="EPS",

@@ -21,13 +21,17 @@ __all__ = [
     "MODELS",
     "SCHEDULES",
     "AMP_MODES",
+    "HEADS",
+    "OPTIMIZERS",
     "PRESETS",
     "apply_preset",
 ]
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
-METHODS = ("drp", "ce", "pgd-at", "trades", "fast-at")
-MODELS = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10")
+METHODS = ("drp", "ce", "pgd-at", "trades", "fast-at", "certified")
+MODELS = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10", "linf-dist")
+HEADS = ("learnable", "drp")
+OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "cyclic", "multistep")
 AMP_MODES = (None, "bf16", "fp16")
 
@@ -43,9 +47,15 @@ class TrainConfig:
     prototypes: Optional[str] = None       # a .pt/.npy file from `drp prototypes`
     proto_method: Optional[str] = None     # default: see DEFAULT_PROTO_METHOD
     drp_ce_weight: float = 0.0             # optional cross-entropy term of ProtoLoss
-    model: Optional[str] = None            # default: "cnn" for 28x28 data, "resnet18" for CIFAR
+    model: Optional[str] = None            # default: "cnn" for 28x28, "resnet18" for CIFAR, linf-dist for certified
+    depth: int = 5                         # linf-dist: hidden LpDist layers
+    width: int = 512                       # linf-dist: neurons per hidden layer (= prototype dimension)
+    head: str = "learnable"                # linf-dist: learnable prototypes + offsets, or fixed DRP prototypes
+    eps_train: Optional[float] = None      # certified: hinge margin radius; default 2.25 eps
+    cert_ce_weight: float = 0.05           # certified: weight of the cross-entropy term
+    optimizer: Optional[str] = None        # default: adam for certified, sgd otherwise
     epochs: int = 10
-    batch_size: int = 128                  # global batch (split over DDP ranks)
+    batch_size: Optional[int] = None       # global batch (split over DDP ranks); default DEFAULT_BATCH_SIZE
     lr: Optional[float] = None             # default: see _DEFAULT_LR
     schedule: str = "cosine"
     momentum: float = 0.9
@@ -90,19 +100,25 @@ class TrainConfig:
         c.validate()
         cifar = c.dataset.startswith("cifar")
         if c.model is None:
-            c.model = "resnet18" if cifar else "cnn"
+            c.model = "linf-dist" if c.method == "certified" else "resnet18" if cifar else "cnn"
+        if c.batch_size is None:
+            c.batch_size = DEFAULT_BATCH_SIZE[c.method == "certified"]
+        if c.optimizer is None:
+            c.optimizer = "adam" if c.method == "certified" else "sgd"
         if c.proto_method is None:
             c.proto_method = DEFAULT_PROTO_METHOD[c.metric]
         if c.proto_dim is None and c.prototypes is None:
             c.proto_dim = DEFAULT_PROTO_DIM[c.dataset == "cifar100"]
         if c.eps is None:
             c.eps = DEFAULT_EPS[cifar]
+        if c.eps_train is None:
+            c.eps_train = min(1.0, EPS_TRAIN_FACTOR * c.eps)
         if c.attack_alpha is None:
             c.attack_alpha = 1.25 * c.eps if c.method == "fast-at" else 2.5 * c.eps / c.attack_steps
         if c.augment is None:
             c.augment = cifar
         if c.weight_decay is None:
-            c.weight_decay = DEFAULT_WEIGHT_DECAY[c.method == "drp"]
+            c.weight_decay = 0.0 if c.method == "certified" else DEFAULT_WEIGHT_DECAY[c.method == "drp"]
         if c.lr is None:
             c.lr = default_lr(dataset=c.dataset, method=c.method, proto_method=c.proto_method)
         c.validate()
@@ -120,8 +136,22 @@ class TrainConfig:
             _choice("--proto-method", self.proto_method, PROTO_METHODS)
         _choice("--schedule", self.schedule, SCHEDULES)
         _choice("--amp", self.amp, AMP_MODES)
+        _choice("--head", self.head, HEADS)
+        if self.optimizer is not None:
+            _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _int_at_least("--depth", self.depth, 1)
+        _int_at_least("--width", self.width, 1)
+        _float_range("--cert-ce-weight", self.cert_ce_weight, low=0.0)
+        if self.eps_train is not None:
+            _float_range("--eps-train", self.eps_train, low=0.0, high=1.0)
+        if self.method == "certified" and self.model not in (None, "linf-dist"):
+            raise ConfigError(f"--method certified needs --model linf-dist (a network with a known Lipschitz "
+                              f"constant), got --model {self.model}")
+        if self.model == "linf-dist" and self.method != "certified":
+            raise ConfigError(f"--model linf-dist is trained with --method certified, got --method {self.method}")
         _int_at_least("--epochs", self.epochs, 1)
-        _int_at_least("--batch-size", self.batch_size, 1)
+        if self.batch_size is not None:
+            _int_at_least("--batch-size", self.batch_size, 1)
         _int_at_least("--attack-steps", self.attack_steps, 1)
         _int_at_least("--seed", self.seed, 0)
         _int_at_least("--eval-batch-size", self.eval_batch_size, 1)
@@ -142,7 +172,7 @@ class TrainConfig:
             _float_range("--eps", self.eps, low=0.0, high=1.0)
         if self.attack_alpha is not None:
             _float_range("--attack-alpha", self.attack_alpha, low=0.0, low_open=True)
-        if self.method in ("pgd-at", "trades", "fast-at") and self.eps is not None and self.eps <= 0:
+        if self.method in ("pgd-at", "trades", "fast-at", "certified") and self.eps is not None and self.eps <= 0:
             raise ConfigError(f"--eps must be > 0 for --method {self.method}, got {self.eps}")
         if self.method == "drp" and self.metric in ("cosine", "l2") and self.proto_dim == 1:
             raise ConfigError(f"--proto-dim 1 with --metric {self.metric}: in one dimension every unit vector is "
@@ -164,18 +194,25 @@ class TrainConfig:
 # distance from an output to a corner is set by the output's single largest coordinate, so
 # most classes tie and DRP-linf training stays at chance (measured on Fashion-MNIST).
 DEFAULT_PROTO_METHOD = {"linf": "box", "cosine": "default", "l2": "default"}
+DEFAULT_BATCH_SIZE = {False: 128, True: 512}         # certified? -> batch size (512: the l-inf-distance nets')
 DEFAULT_PROTO_DIM = {False: 100, True: 500}          # cifar100? -> prototype dimension
 DEFAULT_EPS = {False: 0.1, True: 8 / 255}            # cifar? -> L-inf budget of adversarial training
-DEFAULT_WEIGHT_DECAY = {True: 5e-5, False: 5e-4}     # drp? -> weight decay (5e-5 is the paper's)
+DEFAULT_WEIGHT_DECAY = {True: 5e-5, False: 5e-4}     # drp? -> weight decay (5e-5 is the paper's); 0 for certified
+# certified: the hinge's training radius as a multiple of --eps (the l-inf-distance nets train
+# Fashion-MNIST at 0.225 for 0.1)
+EPS_TRAIN_FACTOR = 2.25
 # Learning rates on 28x28 data (measured on Fashion-MNIST). DRP with the paper's unbounded
 # L-inf prototypes (entries up to ~80) diverges or stalls at CE's 0.05 and trains best
 # around 0.01; with the library's bounded prototypes it wants a larger step.
 _LR_28 = {"ce": 0.05, "drp-paper": 0.01, "drp": 0.2}
 _LR_CIFAR = 0.1
+_LR_CERTIFIED = 0.02  # Adam, as the l-inf-distance nets
 
 
 def default_lr(*, dataset: str, method: str, proto_method: Optional[str] = None) -> float:
     """The learning rate `resolved()` picks when --lr is not given."""
+    if method == "certified":
+        return _LR_CERTIFIED
     if dataset.startswith("cifar"):
         return _LR_CIFAR
     if method != "drp":
@@ -187,13 +224,16 @@ def describe_default(name: str) -> str:
     """The default of TrainConfig field ``name`` in words, for the command line's help."""
     rules = {
         "lr": f"{_LR_28['ce']:g}; {_LR_28['drp']:g} for drp, {_LR_28['drp-paper']:g} for drp with paper "
-              f"prototypes; {_LR_CIFAR:g} on CIFAR",
-        "weight_decay": f"{DEFAULT_WEIGHT_DECAY[True]:g} for drp (the paper's), "
+              f"prototypes; {_LR_CIFAR:g} on CIFAR; {_LR_CERTIFIED:g} for certified",
+        "weight_decay": f"{DEFAULT_WEIGHT_DECAY[True]:g} for drp (the paper's), 0 for certified, "
                         f"{DEFAULT_WEIGHT_DECAY[False]:g} otherwise",
+        "eps_train": f"{EPS_TRAIN_FACTOR:g} eps",
+        "optimizer": "adam for certified, sgd otherwise",
+        "batch_size": f"{DEFAULT_BATCH_SIZE[False]}; {DEFAULT_BATCH_SIZE[True]} for certified",
         "eps": f"{DEFAULT_EPS[False]:g}, 8/255 on CIFAR",
         "proto_dim": f"{DEFAULT_PROTO_DIM[False]}, {DEFAULT_PROTO_DIM[True]} for cifar100; a --prototypes file's own",
         "proto_method": "box for linf, default (the sphere) for cosine and l2",
-        "model": "cnn for 28x28 data, resnet18 for CIFAR",
+        "model": "cnn for 28x28 data, resnet18 for CIFAR, linf-dist for certified",
         "augment": "on for CIFAR",
         "attack_alpha": "2.5 eps / steps; 1.25 eps for fast-at",
         "device": "cuda when available, else cpu",

@@ -31,6 +31,10 @@ __all__ = [
     "resolve_checkpoint",
     "load_eval_data",
     "format_eval_table",
+    "certified_points",
+    "is_certifiable",
+    "add_plot_arguments",
+    "run_plot",
     "SUITES",
     "PAPER_SUITES",
     "DECISIONS",
@@ -114,12 +118,23 @@ def load_eval_data(dataset, *, data_dir=None, limit=None):
     return x.float().div_(255.0), y.long()
 
 
+def is_certifiable(model) -> bool:
+    """Whether `drp_kernels.certify` applies to `model` (an l-inf-distance prototype network)."""
+    import drp_kernels
+
+    return isinstance(getattr(model, "_orig_mod", model), drp_kernels.LinfDistNet)
+
+
 def evaluate_model(model, x, y, *, eps_list, suite="standard", batch_size=None, seed=0, device=None,
-                   progress=True, compile=False):
+                   progress=True, compile=False, checks=True):
     """Run `attacks.accuracy_vs_eps` (monotone in eps) and return its result in the `drp eval`
     JSON schema.
 
-    Each entry of "results" holds exactly eps, robust_accuracy, per_attack and flags.
+    Each entry of "results" holds exactly eps, robust_accuracy, per_attack and flags, and for a
+    certifiable model (`is_certifiable`) also certified_accuracy: the fraction of points that
+    `drp_kernels.certify` proves at that eps. A certified point that the suite broke would be a
+    bug of the certificate: it raises RuntimeError (never a certified number above what the
+    attacks leave).
     Also returned: "flags" (the run-level checks: model sanity, chance at large eps),
     "timings" (seconds per attack, one dict per eps) and "eval_time_s" (wall time of the
     whole evaluation).
@@ -128,33 +143,58 @@ def evaluate_model(model, x, y, *, eps_list, suite="standard", batch_size=None, 
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     kwargs = {"eps_list": list(eps_list), "suite": suite, "seed": seed, "progress": progress,
-              "compile": bool(compile)}
+              "compile": bool(compile), "checks": bool(checks)}
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
+    certifiable = is_certifiable(model)
     t0 = time.perf_counter()
-    raw = attacks.accuracy_vs_eps(model, x, y, **kwargs)
+    raw = attacks.accuracy_vs_eps(model, x, y, return_points=certifiable, **kwargs)
     elapsed = time.perf_counter() - t0
     results, timings = [], []
     for r in raw["results"]:
         timings.append({str(k): float(v) for k, v in r.get("timings", {}).items()})
-        results.append({
+        entry = {
             "eps": float(r["eps"]),
             "robust_accuracy": float(r["robust_accuracy"]),
             "per_attack": {str(k): float(v) for k, v in r.get("per_attack", {}).items()},
             "flags": [str(f) for f in r.get("flags", [])],
-        })
+        }
+        if certifiable:
+            t1 = time.perf_counter()
+            cert = certified_points(model, x, y, float(r["eps"]), batch_size=batch_size or 250).cpu()
+            broken = cert & ~r["robust"]
+            if bool(broken.any()):
+                idx = broken.nonzero().flatten()[:10].tolist()
+                raise RuntimeError(f"certificate bug: {int(broken.sum())} point(s) certified at eps {r['eps']:g} were "
+                                   f"broken by the {suite} suite (first indices {idx}); please report it")
+            entry["certified_accuracy"] = float(cert.float().mean()) if cert.numel() else 0.0
+            timings[-1]["certify"] = time.perf_counter() - t1
+        results.append(entry)
     return {"clean_accuracy": float(raw["clean_accuracy"]), "results": results,
             "flags": [str(f) for f in raw.get("flags", [])], "timings": timings, "eval_time_s": elapsed}
+
+
+def certified_points(model, x, y, eps, *, batch_size=250):
+    """(N,) bool: `drp_kernels.certify` over `x` in batches, on the model's device."""
+    import drp_kernels
+
+    dev = next(iter(model.buffers())).device
+    out = [drp_kernels.certify(model, x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev), eps)
+           for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
 def format_eval_table(result, *, suite=None):
     """A short plain-text table of one `evaluate_model` result (headed by its suite if given)."""
     lines = [] if suite is None else [f"suite {suite}:"]
+    cert = any("certified_accuracy" in r for r in result["results"])
     lines += [f"clean accuracy: {100 * result['clean_accuracy']:.2f}%",
-             f"{'eps':>8}  {'robust':>8}  after each attack (cumulative)"]
+              f"{'eps':>8}  {'robust':>8}  " + (f"{'certified':>9}  " if cert else "")
+              + "after each attack (cumulative)"]
     for r in result["results"]:
         stages = " -> ".join(f"{k} {100 * v:.1f}%" for k, v in r["per_attack"].items()) or "-"
-        lines.append(f"{r['eps']:>8.4g}  {100 * r['robust_accuracy']:>7.2f}%  {stages}")
+        c = f"{100 * r['certified_accuracy']:>8.2f}%  " if "certified_accuracy" in r else ""
+        lines.append(f"{r['eps']:>8.4g}  {100 * r['robust_accuracy']:>7.2f}%  {c}{stages}")
         for flag in r["flags"]:
             lines.append(f"{'':>8}  flag: {flag}")
     for flag in result.get("flags", []):
@@ -260,4 +300,68 @@ def run_eval(args):
     written = [f for f in (args.json, args.plot) if f is not None]
     if written:
         print("wrote " + " and ".join(written))
+    return 0
+
+
+# ----------------------------------------------------------------------------- drp plot
+def add_plot_arguments(parser):
+    """Add the `drp plot` options to an argparse (sub)parser."""
+    parser.add_argument("reports", nargs="+", metavar="EVAL_JSON[=LABEL]",
+                        help="JSON reports written by `drp eval --json`, each optionally labelled, e.g. "
+                             "results/fashion-mnist/pgd-at/eval.json=PGD-AT")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the plot to write (.png, .jpg, .pdf, .svg)")
+    parser.add_argument("--suite", default="standard",
+                        help="for reports holding several suites, the one to plot (default: standard)")
+    parser.add_argument("--title", default=None, help="plot title")
+    return parser
+
+
+def _read_report(spec, suite):
+    import json
+
+    path, _, label = spec.partition("=")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise _cli_error(f"{path}: cannot read the report: {_one_line(exc)}") from None
+    except ValueError as exc:
+        raise _cli_error(f"{path}: not a JSON report: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise _cli_error(f"{path}: not a `drp eval` report")
+    if "suites" in data:
+        if suite not in data["suites"]:
+            raise _cli_error(f"{path}: no suite {suite!r} in the report (it holds {', '.join(data['suites'])}); "
+                             "pick one with --suite")
+        curve = dict(data["suites"][suite])
+    elif "results" in data:
+        if data.get("suite") not in (None, suite):
+            raise _cli_error(f"{path}: the report is of suite {data.get('suite')!r}, not {suite!r}; "
+                             f"pass --suite {data.get('suite')}")
+        curve = {"clean_accuracy": data.get("clean_accuracy"), "results": data["results"]}
+    else:
+        raise _cli_error(f"{path}: not a `drp eval` report (no results)")
+    curve["n"] = data.get("n")
+    if not label:
+        method = data.get("method") or os.path.basename(os.path.dirname(os.path.abspath(path)))
+        label = f"drp-{data['metric']}" if method == "drp" and data.get("metric") else method
+    return label, curve
+
+
+def run_plot(args):
+    """`drp plot`: several eval reports in one accuracy-vs-eps plot (certified accuracy dashed)."""
+    from .plots import plot_accuracy_vs_eps
+
+    _check_output_path(args.out, "--out", suffixes=PLOT_SUFFIXES)
+    curves = {}
+    for spec in args.reports:
+        label, curve = _read_report(spec, args.suite)
+        if label in curves:
+            raise _cli_error(f"two reports are labelled {label!r}: label them, e.g. FILE.json=NAME")
+        curves[label] = curve
+    ns = {c["n"] for c in curves.values() if c.get("n")}
+    title = args.title or f"accuracy against L-inf eps ({args.suite} suite" + (
+        f", n={ns.pop()})" if len(ns) == 1 else ")")
+    plot_accuracy_vs_eps(curves, args.out, title=title)
+    print(f"wrote {args.out}")
     return 0

@@ -1,4 +1,5 @@
-"""Training objectives: DRP, CE, PGD-AT (Madry et al.), TRADES and Fast-AT (Wong et al. 2020).
+"""Training objectives: DRP, CE, PGD-AT (Madry et al.), TRADES, Fast-AT (Wong et al. 2020) and
+certified training of l-inf-distance prototype networks.
 
 A method turns (network, batch) into a scalar loss and the logits used for the
 running training accuracy, and wraps the trained network into the classifier that is
@@ -10,6 +11,7 @@ attack runs (``drp_kernels.attacks.eval_mode``) and back in its own modes for th
 (as in the TRADES reference code and torchattacks): BatchNorm then neither uses nor updates batch statistics of the
 intermediate attack iterates, and only the final adversarial batch trains the model.
 """
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 import drp_kernels
 from drp_kernels.attacks import eval_mode
 
-__all__ = ["Method", "make_method"]
+__all__ = ["Method", "make_method", "Certified", "p_schedule"]
 
 
 class Method:
@@ -33,6 +35,9 @@ class Method:
 
     def output_dim(self, num_classes: int) -> int:
         return num_classes
+
+    def before_step(self, net: nn.Module, step: int, total: int) -> None:
+        """Called before optimiser step ``step`` (0-based, of ``total``), e.g. to anneal p."""
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """Class scores from network outputs."""
@@ -163,6 +168,63 @@ class TRADES(Method):
         return natural + self.beta * robust, logits_adv
 
 
+# the p schedule of certified training (the l-inf-distance nets' recipe)
+P_START, P_END = 8.0, 1000.0
+P_HOLD_FRACTION = 0.05   # p = P_START for the first 5% of the steps
+P_INF_FRACTION = 0.10    # p = inf for the last 10%
+
+
+def p_schedule(step: int, total: int) -> float:
+    """The p of certified training at optimiser step ``step`` of ``total``: P_START for the first
+    P_HOLD_FRACTION of the steps, then rising geometrically to P_END, then inf for the last
+    P_INF_FRACTION. Rounded to integers, which the CPU kernels compute by repeated squaring."""
+    total = max(int(total), 1)
+    hold = int(round(P_HOLD_FRACTION * total))
+    inf_from = total - max(1, int(round(P_INF_FRACTION * total)))
+    if step >= inf_from:
+        return math.inf
+    if step < hold or inf_from <= hold:
+        return P_START
+    frac = (step - hold) / max(1, inf_from - 1 - hold)
+    return float(round(P_START * (P_END / P_START) ** min(1.0, frac)))
+
+
+class Certified(Method):
+    """Certified training of a ``drp_kernels.LinfDistNet`` (Zhang et al. 2021, 2022 recipe).
+
+    The loss is a clipped hinge on the logit margin ``m = (d_c + b_c) - (d_y + b_y)`` (smallest
+    over c != y) at the radius ``eps_train``: ``clamp(theta - m, 0, theta)`` with
+    ``theta = 2 L eps_train`` and L the network's Lipschitz constant at p = inf, so a point whose
+    hinge is zero is certified at eps_train once p = inf. Points with a negative margin get no
+    hinge gradient (the clip); the cross-entropy term on ``ce_scale * logits``, weighted by
+    ``ce_weight``, pulls them in. p follows ``p_schedule`` (set before every step).
+    """
+
+    name = "certified"
+
+    def __init__(self, *, eps: float, eps_train: float, ce_weight: float):
+        super().__init__(eps=eps)
+        self.eps_train = float(eps_train)
+        self.ce_weight = float(ce_weight)
+
+    def before_step(self, net, step, total):
+        net.set_p(p_schedule(step, total))
+
+    def loss(self, model, attack_model, x, y, *, generator, autocast):
+        with autocast():
+            logits = model(x).float()
+        theta = 2.0 * attack_model.lipschitz(p=math.inf) * self.eps_train
+        true = logits.gather(1, y[:, None])
+        others = logits.scatter(1, y[:, None], -math.inf)
+        margin = (true - others.amax(dim=1, keepdim=True)).squeeze(1)
+        hinge = (theta - margin).clamp(0.0, theta).mean() if theta > 0 else (-margin).clamp_min(0.0).mean()
+        if self.ce_weight:
+            loss = hinge + self.ce_weight * F.cross_entropy(attack_model.ce_scale * logits, y)
+        else:  # a zero gradient for the unused temperature, as DDP expects one for every parameter
+            loss = hinge + 0.0 * attack_model.ce_scale
+        return loss, logits
+
+
 def make_method(cfg, *, prototypes: Optional[torch.Tensor] = None) -> Method:
     """The Method of a resolved TrainConfig (``prototypes`` is required for drp)."""
     if cfg.method == "drp":
@@ -177,4 +239,6 @@ def make_method(cfg, *, prototypes: Optional[torch.Tensor] = None) -> Method:
         return FastAT(eps=cfg.eps, alpha=cfg.attack_alpha)
     if cfg.method == "trades":
         return TRADES(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, beta=cfg.trades_beta)
-    raise ValueError(f"method must be one of drp, ce, pgd-at, trades, fast-at, got {cfg.method!r}")
+    if cfg.method == "certified":
+        return Certified(eps=cfg.eps, eps_train=cfg.eps_train, ce_weight=cfg.cert_ce_weight)
+    raise ValueError(f"method must be one of drp, ce, pgd-at, trades, fast-at, certified, got {cfg.method!r}")

@@ -5,6 +5,7 @@ with the dataset's mean/std buffers), so attacks work in input space. The last l
 width is the number of classes (CE and the adversarial baselines) or the prototype
 dimension (DRP).
 """
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -21,10 +22,11 @@ __all__ = [
     "WideResNet",
     "build_model",
     "build_network",
+    "build_linf_dist",
     "MODEL_NAMES",
 ]
 
-MODEL_NAMES = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10")
+MODEL_NAMES = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10", "linf-dist")
 
 
 class Normalize(nn.Module):
@@ -181,6 +183,8 @@ def build_model(name: str, *, in_channels: int, num_classes_or_dim: int, input_s
     normalisation inside the model; without them inputs are centred with 0.5 / 0.5.
     Returns ``nn.Sequential(Normalize, body)``.
     """
+    if name == "linf-dist":
+        raise ValueError("model linf-dist has its own builder: build_linf_dist (or build_network)")
     if name not in MODEL_NAMES:
         raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
     for arg, v in (("in_channels", in_channels), ("num_classes_or_dim", num_classes_or_dim),
@@ -204,10 +208,31 @@ def build_model(name: str, *, in_channels: int, num_classes_or_dim: int, input_s
     return nn.Sequential(Normalize(mean, std), body)
 
 
+def build_linf_dist(*, in_shape: Sequence[int], num_classes: int, depth: int, width: int, head: str,
+                    mean: Sequence[float], std: Sequence[float], p: float = 8.0) -> nn.Module:
+    """A ``drp_kernels.LinfDistNet`` for inputs of ``in_shape`` (C, H, W) in [0, 1], standardised
+    per channel inside the model (so its Lipschitz constant is ``1 / min(std)`` at p = inf).
+    The prototypes start at zero: the trainer sets them (``repulsive_prototypes``)."""
+    import drp_kernels
+
+    c = int(in_shape[0])
+    per_channel = int(math.prod(in_shape[1:]))
+    mean_t = torch.as_tensor(tuple(mean), dtype=torch.float32).repeat_interleave(per_channel)
+    std_t = torch.as_tensor(tuple(std), dtype=torch.float32).repeat_interleave(per_channel)
+    if mean_t.numel() != c * per_channel or std_t.numel() != c * per_channel:
+        raise ValueError(f"mean and std need {c} values, got {len(mean)} and {len(std)}")
+    return drp_kernels.LinfDistNet(c * per_channel, num_classes, depth=depth, width=width, head=head,
+                                   mean=mean_t, std=std_t, p=p)
+
+
 def build_network(cfg, *, output_dim: int) -> nn.Module:
     """The bare network of a resolved ``TrainConfig`` (normalisation included), with
-    ``output_dim`` outputs: the number of classes, or the prototype dimension for DRP."""
+    ``output_dim`` outputs: the number of classes, or the prototype dimension for DRP.
+    For ``linf-dist`` the network is the whole classifier (``output_dim`` classes)."""
     info = DATASET_INFO[cfg.dataset]
     c, h, _ = info["shape"]
+    if cfg.model == "linf-dist":
+        return build_linf_dist(in_shape=info["shape"], num_classes=info["classes"], depth=cfg.depth,
+                               width=cfg.width, head=cfg.head, mean=info["mean"], std=info["std"])
     return build_model(cfg.model, in_channels=c, num_classes_or_dim=output_dim, input_size=h,
                        mean=info["mean"], std=info["std"])

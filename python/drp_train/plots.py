@@ -76,11 +76,29 @@ def _check_curve(name, curve):
             raise ValueError(f"curves[{name!r}]: every result needs 'eps' and 'robust_accuracy'")
 
 
+def _plot_series(ax, pts, *, label, color, linestyle, marker, count):
+    """One accuracy-vs-eps line (fractions -> percent), with 95% Wilson intervals when ``count``
+    points were evaluated; returns whether intervals were drawn."""
+    eps = [e for e, _ in pts]
+    acc = [100.0 * a for _, a in pts]
+    ax.plot(eps, acc, marker=marker, linestyle=linestyle, color=color, label=label)
+    if not count:
+        return False
+    lo, hi = zip(*(wilson_interval(a, int(count)) for _, a in pts))
+    ax.fill_between(eps, [100.0 * v for v in lo], [100.0 * v for v in hi], color=color, alpha=0.15, linewidth=0)
+    ax.errorbar(eps, acc, yerr=[[max(a - 100.0 * v, 0.0) for a, v in zip(acc, lo)],
+                                [max(100.0 * v - a, 0.0) for a, v in zip(acc, hi)]],
+                fmt="none", ecolor=color, capsize=3, linewidth=1)
+    return True
+
+
 def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps", n=None):
     """Plot robust accuracy against eps for every model in `curves`.
 
     `curves` maps a model name to an `accuracy_vs_eps` result
     (`{"clean_accuracy": float, "results": [{"eps", "robust_accuracy", ...}, ...]}`).
+    A curve whose results carry "certified_accuracy" (a certifiable model) gets a second,
+    dashed line of the certified accuracy in the same colour.
     The clean accuracy is drawn at eps 0. Accuracies are fractions in [0, 1] and
     are shown in percent. With the number of evaluated points (`n`, or a curve's own
     "n") every point gets its 95% Wilson interval. The eps axis is labelled both as a
@@ -92,23 +110,19 @@ def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf e
         raise ValueError(f"n: expected a number of evaluated points >= 1, got {n!r}")
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     with_ci = False
-    for name, curve in curves.items():
+    for i, (name, curve) in enumerate(curves.items()):
         _check_curve(name, curve)
-        pts = sorted((float(r["eps"]), float(r["robust_accuracy"])) for r in curve["results"])
-        if curve.get("clean_accuracy") is not None and not any(e == 0.0 for e, _ in pts):
-            pts.insert(0, (0.0, float(curve["clean_accuracy"])))
-        eps = [e for e, _ in pts]
-        acc = [100.0 * a for _, a in pts]
-        (line,) = ax.plot(eps, acc, marker="o", label=str(name))
+        color = f"C{i % 10}"
         count = curve.get("n", n)
-        if count:
-            lo, hi = zip(*(wilson_interval(a, int(count)) for _, a in pts))
-            ax.fill_between(eps, [100.0 * v for v in lo], [100.0 * v for v in hi], color=line.get_color(),
-                            alpha=0.15, linewidth=0)
-            ax.errorbar(eps, acc, yerr=[[max(a - 100.0 * v, 0.0) for a, v in zip(acc, lo)],
-                                        [max(100.0 * v - a, 0.0) for a, v in zip(acc, hi)]],
-                        fmt="none", ecolor=line.get_color(), capsize=3, linewidth=1)
-            with_ci = True
+        series = [("robust_accuracy", str(name), "-", "o")]
+        if any("certified_accuracy" in r for r in curve["results"]):
+            series = [("robust_accuracy", f"{name}: robust (attacked)", "-", "o"),
+                      ("certified_accuracy", f"{name}: certified", "--", "D")]
+        for key, label, style, marker in series:
+            pts = sorted((float(r["eps"]), float(r[key])) for r in curve["results"] if key in r)
+            if curve.get("clean_accuracy") is not None and not any(e == 0.0 for e, _ in pts):
+                pts.insert(0, (0.0, float(curve["clean_accuracy"])))
+            with_ci |= _plot_series(ax, pts, label=label, color=color, linestyle=style, marker=marker, count=count)
     ax.set_xlabel("L-inf eps (inputs in [0, 1])")
     ax.set_ylabel("accuracy (%)" + (", 95% Wilson interval" if with_ci else ""))
     ax.set_ylim(-2, 102)

@@ -205,7 +205,8 @@ class _Trainer:
     def _check_space(self, net):
         if not self.info.is_main:
             return
-        param_bytes = sum(p.numel() * p.element_size() for p in net.state_dict().values())
+        param_bytes = sum(p.numel() * p.element_size() for p in net.state_dict().values()
+                          if isinstance(p, torch.Tensor))
         # model + momentum in last.pt and final.pt, plus a temporary file while writing
         needed = 3 * 2 * param_bytes + (64 << 20)
         free = shutil.disk_usage(self.out).free
@@ -330,8 +331,15 @@ class _Trainer:
         self.net = net.to(device=device, memory_format=self.memory_format)
         if isinstance(self.method, DRP):
             self.method.to(device)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        if cfg.model == "linf-dist" and ckpt is None:
+            self._init_linf_dist_prototypes(num_classes)
+        if cfg.optimizer == "adam":
+            # the l-inf-distance nets' Adam settings (beta2 0.99, eps 1e-10)
+            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.99), eps=1e-10,
+                                              weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay)
         n_train = self.x_train.shape[0]
         steps = math.ceil(n_train / cfg.batch_size)
         if info.enabled and n_train - (steps - 1) * cfg.batch_size < info.world_size:
@@ -352,6 +360,13 @@ class _Trainer:
         self.classifier = self.method.classifier(self.net)
         self.state = dict(net=self.net, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                           prototypes=self.prototypes)
+
+    def _init_linf_dist_prototypes(self, num_classes):
+        """The head's starting (learnable) or fixed (drp) prototypes: DRP's box prototypes."""
+        cfg = self.cfg
+        p = drp_kernels.repulsive_prototypes(num_classes, cfg.width, metric="linf", method="box", seed=cfg.seed)
+        with torch.no_grad():
+            self.net.prototypes.copy_(torch.as_tensor(p, dtype=torch.float32))
 
     def _restore(self, ckpt):
         """Load the states of ``ckpt`` (or start at zero) and (re)write metrics.jsonl and config.json."""
@@ -430,6 +445,7 @@ class _Trainer:
         cfg, device, info = self.cfg, self.device, self.info
         idx = ddp.shard(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], info)
         gen = torch.Generator(device=device).manual_seed(_derive_seed(cfg.seed, epoch, step, info.rank))
+        self.method.before_step(self.net, self.global_step, self.steps_per_epoch * cfg.epochs)
         xb = self.x_train[idx]
         if cfg.augment:
             xb = augment_batch(xb, generator=gen)
@@ -542,7 +558,8 @@ class _Trainer:
             "epoch": epoch,
             "step": step,
             "global_step": global_step,
-            "model": {k: v.detach().cpu() for k, v in s["net"].state_dict().items()},
+            "model": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                      for k, v in s["net"].state_dict().items()},
             "optimizer": s["optimizer"].state_dict(),
             "scheduler": _plain_scheduler_state(s["scheduler"]),
             "scaler": s["scaler"].state_dict() if s["scaler"] is not None else None,

@@ -1,0 +1,185 @@
+"""Training epoch time: certified training of the l-inf-distance prototype network against CE and
+PGD-AT on the same data (a script: each figure takes seconds to minutes).
+
+Every provider runs real optimiser steps of `drp train`'s method code (``drp_train.methods``) on
+the first images of Fashion-MNIST's training set, at its own default batch size, one after the
+other in one process (``--rounds R`` interleaved rounds, the median step of all rounds is the
+figure). Epoch time = median step time x steps per epoch of the 60000 training images.
+
+* ``ce`` / ``pgd-at``: the `cnn` model (batch 128; PGD-AT with 10 steps);
+* ``certified@p``: the `linf-dist` model (``--depth`` x ``--width``, batch 512) at a fixed p
+  (8, 64, 1000, inf); ``certified (schedule)`` weights those by the fraction of the steps the p
+  schedule spends near each p (``drp_train.methods.p_schedule``);
+* ``certified-reference@p``: the same step with ``lp_dist`` swapped for the pure-PyTorch
+  broadcast reference (``drp_kernels.reference.lp_dist``), the plain-PyTorch yardstick.
+
+    python bench/bench_train_epoch.py --json bench/results/cpu_train_epoch.json
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import drp_kernels.certified as certified
+import drp_kernels.layers as layers
+from drp_kernels import reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import device_name, versions  # noqa: E402
+
+N_TRAIN = 60000
+
+
+def _cfg(method, **kw):
+    from drp_train.config import TrainConfig
+
+    return TrainConfig(method=method, dataset="fashion-mnist", **kw).resolved()
+
+
+def _setup(cfg, x_all, y_all):
+    from drp_train.methods import make_method
+    from drp_train.models import build_network
+    import drp_kernels
+
+    torch.manual_seed(0)
+    proto = None
+    if cfg.method == "drp":
+        proto = torch.as_tensor(drp_kernels.repulsive_prototypes(10, cfg.proto_dim, metric=cfg.metric,
+                                                                 method=cfg.proto_method, seed=0))
+    method = make_method(cfg, prototypes=proto)
+    net = build_network(cfg, output_dim=method.output_dim(10))
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-10)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
+    bs = cfg.batch_size
+    x, y = x_all[:bs].float().div(255.0), y_all[:bs]
+    gen = torch.Generator().manual_seed(0)
+    classifier = method.classifier(net)
+
+    def step():
+        net.train()
+        loss, _ = method.loss(net, classifier, x, y, generator=gen, autocast=_null)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net, step
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _time(step, reps):
+    step()  # warm-up
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _schedule_weights(points):
+    """Fraction of the p schedule's steps nearest (in log p) to each measured finite p, plus inf."""
+    from drp_train.methods import p_schedule
+
+    total = 10000
+    counts = {p: 0 for p in points}
+    for t in range(total):
+        p = p_schedule(t, total)
+        if p == math.inf:
+            counts[math.inf] += 1
+            continue
+        near = min((q for q in points if q != math.inf), key=lambda q: abs(math.log(q) - math.log(p)))
+        counts[near] += 1
+    return {p: c / total for p, c in counts.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="bench_train_epoch.py")
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per provider and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the pure-PyTorch lp_dist (slow, several GB)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from drp_train.data import load_dataset
+
+    x_all, y_all = load_dataset("fashion-mnist", split="train", limit=1024)
+    ps = [8.0, 64.0, 1000.0, math.inf]
+    providers = {"ce": _setup(_cfg("ce"), x_all, y_all)[1], "pgd-at": _setup(_cfg("pgd-at"), x_all, y_all)[1]}
+    cert_net, cert_step = _setup(_cfg("certified", depth=args.depth, width=args.width), x_all, y_all)
+    batch = {"ce": 128, "pgd-at": 128}
+
+    def at_p(p, fn):
+        def run():
+            cert_net.set_p(p)
+            fn()
+        return run
+    for p in ps:
+        providers[f"certified@p={p:g}"] = at_p(p, cert_step)
+        batch[f"certified@p={p:g}"] = 512
+    ref_ps = [8.0, math.inf] if args.reference else []
+
+    def with_reference(p):
+        def ref_lp_dist(x, w, *, p):
+            return reference.lp_dist(x, w, p)
+
+        def run():
+            saved = layers.lp_dist, certified.lp_dist
+            layers.lp_dist = certified.lp_dist = ref_lp_dist
+            try:
+                cert_net.set_p(p)
+                cert_step()
+            finally:
+                layers.lp_dist, certified.lp_dist = saved
+        return run
+    for p in ref_ps:
+        providers[f"certified-reference@p={p:g}"] = with_reference(p)
+        batch[f"certified-reference@p={p:g}"] = 512
+
+    times = {k: [] for k in providers}
+    for r in range(args.rounds):
+        for name, fn in providers.items():
+            reps = 1 if name.startswith("certified-reference") else args.reps
+            times[name] += _time(fn, reps)
+            print(f"round {r + 1}: {name}: {statistics.median(times[name]) * 1e3:.1f} ms/step", flush=True)
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        steps = math.ceil(N_TRAIN / batch[name])
+        rows[name] = {"batch": batch[name], "median_step_s": med, "steps_per_epoch": steps, "epoch_s": med * steps,
+                      "step_s": ts}
+    w = _schedule_weights(ps)
+    sched = sum(w[p] * rows[f"certified@p={p:g}"]["epoch_s"] for p in ps)
+    rows["certified (schedule)"] = {"epoch_s": sched, "weights": {f"{p:g}": v for p, v in w.items()}}
+    for base in ("ce", "pgd-at"):
+        rows["certified (schedule)"][f"vs_{base}"] = sched / rows[base]["epoch_s"]
+    for p in ref_ps:
+        rows[f"certified-reference@p={p:g}"]["speedup_of_kernels"] = (
+            rows[f"certified-reference@p={p:g}"]["median_step_s"] / rows[f"certified@p={p:g}"]["median_step_s"])
+    print(f"{'provider':<28} {'batch':>5} {'ms/step':>9} {'epoch s':>8}")
+    for name, r in rows.items():
+        ms = f"{r['median_step_s'] * 1e3:9.1f}" if "median_step_s" in r else f"{'':>9}"
+        print(f"{name:<28} {r.get('batch', ''):>5} {ms} {r['epoch_s']:8.1f}")
+    if args.json:
+        out = {"device": device_name("cpu"), "versions": versions(), "depth": args.depth, "width": args.width,
+               "load_average": list(os.getloadavg()), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Certified prototype networks: LinfDistNet, drp_kernels.certify, the certified training method,
+and `drp eval`'s certified accuracy.
+
+The central property: a point that ``certify`` proves at eps is never broken by an attack at
+eps, neither by the standard suite (APGD-CE, APGD-T, Square) nor by random-start PGD on the
+margin, on trained and on random networks, at p = inf and at finite p.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import drp_kernels
+from drp_kernels import LinfDistNet, certify
+from drp_kernels.attacks import accuracy_vs_eps
+from drp_kernels.certified import _interval_dist
+from drp_train.config import TrainConfig
+from drp_train.errors import ConfigError
+from drp_train.methods import Certified, p_schedule
+
+from _helpers import FMNIST_DIR, assert_png, load_fmnist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HAVE_FMNIST = os.path.isdir(FMNIST_DIR)
+
+
+def _random_net(*, depth=2, width=16, in_features=12, classes=4, p=math.inf, head="learnable", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = LinfDistNet(in_features, classes, depth=depth, width=width, head=head,
+                      prototypes=torch.rand(classes, width, generator=g) * 2 - 1, mean=0.4, std=0.3, p=p)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+            layer.running_mean.copy_(torch.randn(layer.running_mean.shape, generator=g))
+        if head == "learnable":
+            net.offset.copy_(0.3 * torch.randn(classes, generator=g))
+    return net.eval()
+
+
+def _margin(logits, y):
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+    return true - other
+
+
+def _pgd_margin(model, x, y, eps, *, steps=60, restarts=4, seed=0):
+    """Random-start PGD on the logit margin inside the eps ball intersected with [0, 1]; returns
+    (B,) bool: True where some iterate was misclassified."""
+    g = torch.Generator().manual_seed(seed)
+    broken = torch.zeros(x.shape[0], dtype=torch.bool)
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    for _ in range(restarts):
+        xa = lo + (hi - lo) * torch.rand(x.shape, generator=g)
+        for i in range(steps):
+            xa.requires_grad_(True)
+            logits = model(xa)
+            broken |= (logits.argmax(1) != y).detach()
+            (grad,) = torch.autograd.grad(_margin(logits, y).sum(), xa)
+            step = eps / 4 if i < steps // 2 else eps / 20
+            xa = torch.min(torch.max(xa.detach() - step * grad.sign(), lo), hi)
+        with torch.no_grad():
+            broken |= model(xa).argmax(1) != y
+    # the box corners along the gradient sign and random vertices
+    with torch.no_grad():
+        for _ in range(8):
+            corner = torch.where(torch.rand(x.shape, generator=g) < 0.5, lo, hi)
+            broken |= model(corner).argmax(1) != y
+    return broken
+
+
+# ----------------------------------------------------------------------------- the network
+def test_linf_dist_net_forward_matches_reference():
+    net = _random_net(p=math.inf)
+    x = torch.rand(7, 3, 2, 2)
+    h = (x.reshape(7, -1) - 0.4) / 0.3
+    for layer in net.layers:
+        h = drp_kernels.reference.lp_dist(h, layer.weight, math.inf) - layer.running_mean
+    want = -(drp_kernels.reference.lp_dist(h, net.prototypes, math.inf) + net.offset)
+    torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+    assert net(x).shape == (7, 4)
+
+
+def test_p_is_saved_with_the_weights():
+    net = _random_net(p=8.0)
+    net.set_p(math.inf)
+    fresh = LinfDistNet(12, 4, depth=2, width=16, mean=0.4, std=0.3, p=8.0)
+    fresh.load_state_dict(net.state_dict())
+    assert fresh.p == math.inf and all(layer.p == math.inf for layer in fresh.layers)
+    layer = drp_kernels.LpDist(3, 2, p=5.0)
+    other = drp_kernels.LpDist(3, 2, p=8.0)
+    other.load_state_dict(layer.state_dict())
+    assert other.p == 5.0
+
+
+def test_lipschitz_bound_holds_empirically():
+    for p in (math.inf, 8.0):
+        net = _random_net(p=p, seed=1)
+        lip = net.lipschitz()
+        if p == math.inf:
+            assert lip == pytest.approx(1 / 0.3)
+        else:
+            assert lip == pytest.approx((1 / 0.3) * 12 ** (1 / 8) * 16 ** (1 / 8) * 16 ** (1 / 8), rel=1e-5)
+        g = torch.Generator().manual_seed(2)
+        x = torch.rand(256, 12, generator=g, dtype=torch.float64)
+        x2 = (x + 0.05 * (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1))
+        net64 = net.double()
+        dx = (x - x2).abs().amax(1)
+        dd = (net64.distances(x) - net64.distances(x2)).abs().amax(1)
+        assert bool((dd <= lip * dx * (1 + 1e-9)).all())
+
+
+def test_linf_dist_net_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="head must be one of learnable, drp"):
+        LinfDistNet(4, 3, depth=1, width=4, head="bogus")
+    with pytest.raises(ValueError, match="std must be > 0"):
+        LinfDistNet(4, 3, depth=1, width=4, std=0.0)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        LinfDistNet(4, 3, depth=0, width=4)
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(3, 4\)"):
+        LinfDistNet(4, 3, depth=1, width=4, prototypes=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="p must be a float in"):
+        LinfDistNet(4, 3, depth=1, width=4).set_p(0.5)
+    with pytest.raises(ValueError, match="x must hold 4 values per sample"):
+        LinfDistNet(4, 3, depth=1, width=4)(torch.zeros(2, 5))
+    drp = LinfDistNet(4, 3, depth=1, width=4, head="drp")
+    assert "prototypes" in dict(drp.named_buffers()) and not any("prototypes" in n for n, _ in drp.named_parameters())
+
+
+# ----------------------------------------------------------------------------- certify
+def test_interval_bounds_enclose_sampled_distances():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    lo = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    hi = lo + torch.rand(3, 6, generator=g, dtype=torch.float64)
+    for p in (math.inf, 1.0, 3.0, 8.0):
+        d_lo, d_hi = _interval_dist(lo, hi, w, p)
+        for _ in range(200):
+            h = lo + (hi - lo) * torch.rand(lo.shape, generator=g, dtype=torch.float64)
+            d = drp_kernels.reference.lp_dist(h, w, p)
+            assert bool((d >= d_lo - 1e-12).all()) and bool((d <= d_hi + 1e-12).all())
+        # the bounds are attained: the clamp of w into the box gives the lower one
+        h_near = torch.max(torch.min(w[None, 0, :], hi), lo)
+        torch.testing.assert_close(drp_kernels.reference.lp_dist(h_near, w[:1], p)[:, 0], d_lo[:, 0])
+
+
+def test_linf_interval_bounds_by_lp_dist_match_the_broadcast():
+    g = torch.Generator().manual_seed(14)
+    w = 3 * torch.randn(40, 33, generator=g, dtype=torch.float64)
+    lo = torch.randn(17, 33, generator=g, dtype=torch.float64)
+    hi = lo + torch.rand(17, 33, generator=g, dtype=torch.float64)
+    lo[:3] -= 20.0  # boxes holding every w: lower bound 0
+    hi[:3] += 20.0
+    fast_lo, fast_hi = _interval_dist(lo, hi, w, math.inf)
+    far = torch.maximum((lo[:, None] - w).abs(), (hi[:, None] - w).abs()).amax(-1)
+    near = ((lo[:, None] - w).clamp_min(0) + (w - hi[:, None]).clamp_min(0)).amax(-1)
+    torch.testing.assert_close(fast_hi, far, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast_lo, near, atol=1e-12, rtol=0)
+    assert bool((fast_lo == 0).any()) and bool((fast_lo > 0).any())
+
+
+@pytest.mark.parametrize("p", [math.inf, 8.0, 1000.0])
+def test_certified_points_of_random_networks_survive_attacks(p):
+    net = _random_net(p=p, width=24, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(400, 12, generator=g)
+    y = net(x).argmax(1)
+    eps = {math.inf: 0.02, 8.0: 0.004, 1000.0: 0.02}[p]
+    cert = certify(net, x, y, eps)
+    assert 0 < int(cert.sum()) < 400, int(cert.sum())  # neither vacuous nor trivial
+    broken = _pgd_margin(net, x[cert], y[cert], eps)
+    assert not bool(broken.any()), f"{int(broken.sum())} certified points broken at p={p}"
+    # a larger radius certifies no more points (monotone)
+    assert bool((certify(net, x, y, 2 * eps) <= cert).all())
+
+
+def test_certify_is_tighter_than_the_margin_rule_near_the_domain_edge():
+    # pixels at 0 or 1 can only move one way: the interval bounds see it, the margin rule does not
+    net = _random_net(p=math.inf, width=24, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.rand(400, 12, generator=g) < 0.5).float()
+    y = net(x).argmax(1)
+    eps = 0.05
+    d = net.double().distances(x.double())
+    margin = (d.scatter(1, y[:, None], math.inf).amin(1) - d.gather(1, y[:, None]).squeeze(1))
+    by_rule = margin > 2 * net.lipschitz() * eps
+    cert = certify(net.float(), x, y, eps)
+    assert bool((cert >= by_rule).all()) and int(cert.sum()) > int(by_rule.sum())
+    assert not bool(_pgd_margin(net.float(), x[cert], y[cert], eps).any())
+
+
+def test_certify_at_eps_zero_is_correctness():
+    net = _random_net(seed=8)
+    x = torch.rand(64, 12, generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(10))
+    pred = net(x).argmax(1)
+    cert = certify(net, x, y, 0.0)
+    assert bool((cert <= (pred == y)).all()) and int(cert.sum()) >= int((pred == y).sum()) - 2
+
+
+def test_certify_rejects_bad_inputs():
+    net = _random_net()
+    x, y = torch.rand(3, 12), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="has no certificate"):
+        certify(torch.nn.Linear(12, 4), x, y, 0.1)
+    proto = drp_kernels.ProtoClassifier(torch.nn.Linear(12, 4), torch.eye(4), metric="linf")
+    with pytest.raises(TypeError, match="ProtoClassifier has no certificate"):
+        certify(proto, x, y, 0.1)
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+        certify(net, x, y, -0.1)
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+        certify(net, x, y, float("nan"))
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 4\)"):
+        certify(net, x, torch.tensor([0, 1, 4]), 0.1)
+    with pytest.raises(ValueError, match=r"y must have shape \(3,\)"):
+        certify(net, x, torch.tensor([0, 1]), 0.1)
+    with pytest.raises(TypeError, match="y must be an integer"):
+        certify(net, x, torch.tensor([0.0, 1.0, 2.0]), 0.1)
+    with pytest.raises(ValueError, match="12 values per sample"):
+        certify(net, torch.rand(3, 11), y, 0.1)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        certify(net, torch.ones(3, 12, dtype=torch.int64), y, 0.1)
+    assert certify(net, x[:0], y[:0], 0.1).shape == (0,)
+    net.train()
+    certify(net, x, y, 0.1)
+    assert net.training  # left in its own mode
+
+
+# ----------------------------------------------------------------------------- training
+def test_p_schedule():
+    total = 1000
+    ps = [p_schedule(t, total) for t in range(total)]
+    assert ps[0] == 8.0 and ps[49] == 8.0 and ps[50] >= 8.0
+    finite = [p for p in ps if p != math.inf]
+    assert finite == sorted(finite) and all(p == int(p) for p in finite)
+    assert max(finite) == 1000.0
+    assert ps.index(math.inf) == 900 and all(p == math.inf for p in ps[900:])
+    assert p_schedule(0, 1) == math.inf  # a one-step run ends (and starts) at inf
+
+
+def test_certified_config_defaults_and_checks():
+    r = TrainConfig(method="certified").resolved()
+    assert (r.model, r.optimizer, r.batch_size, r.weight_decay, r.lr) == ("linf-dist", "adam", 512, 0.0, 0.02)
+    assert r.eps_train == pytest.approx(0.225) and r.head == "learnable"
+    assert TrainConfig().resolved().batch_size == 128 and TrainConfig().resolved().optimizer == "sgd"
+    with pytest.raises(ConfigError, match="--method certified needs --model linf-dist"):
+        TrainConfig(method="certified", model="cnn").resolved()
+    with pytest.raises(ConfigError, match="--model linf-dist is trained with --method certified"):
+        TrainConfig(method="ce", model="linf-dist").resolved()
+    with pytest.raises(ConfigError, match="--head must be one of learnable, drp"):
+        TrainConfig(method="certified", head="x").resolved()
+    with pytest.raises(ConfigError, match="--eps must be > 0 for --method certified"):
+        TrainConfig(method="certified", eps=0.0).resolved()
+    with pytest.raises(ConfigError, match="--eps-train must be >= 0"):
+        TrainConfig(method="certified", eps_train=-0.1).resolved()
+
+
+def test_cli_refuses_certified_with_another_model(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "drp_train", "train", "--method", "certified", "--model", "cnn",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "--method certified needs --model linf-dist" in lines[0]
+    assert not out.exists()
+
+
+def test_certified_loss_is_the_clipped_hinge_plus_ce():
+    net = _random_net(seed=11)
+    x = torch.rand(32, 12, generator=torch.Generator().manual_seed(12))
+    y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(13))
+    method = Certified(eps=0.1, eps_train=0.2, ce_weight=0.0)
+    loss, logits = method.loss(net, net, x, y, generator=None, autocast=lambda: torch.autocast("cpu", enabled=False))
+    theta = 2 * net.lipschitz(p=math.inf) * 0.2
+    torch.testing.assert_close(loss, (theta - _margin(net(x), y)).clamp(0, theta).mean())
+    with_ce = Certified(eps=0.1, eps_train=0.2, ce_weight=0.5)
+    loss2, _ = with_ce.loss(net, net, x, y, generator=None, autocast=lambda: torch.autocast("cpu", enabled=False))
+    ce = torch.nn.functional.cross_entropy(net.ce_scale * net(x), y)
+    torch.testing.assert_close(loss2, loss + 0.5 * ce)
+    assert logits.shape == (32, 4)
+
+
+def _train_tiny(out, *, epochs=4, head="learnable"):
+    # a small net learns slowly from the hinge alone: a full CE term and a larger step help it
+    cmd = [sys.executable, "-m", "drp_train", "train", "--method", "certified", "--depth", "2", "--width", "64",
+           "--head", head, "--epochs", str(epochs), "--limit-train", "2048", "--limit-test", "500", "--batch-size",
+           "64", "--lr", "0.05", "--cert-ce-weight", "1", "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("cert") / "run"
+    _train_tiny(out)
+    return out
+
+
+def test_trained_network_certifies_and_attacks_never_break_a_certified_point(tiny_run):
+    from drp_train.checkpoint import load_classifier
+
+    model = load_classifier(str(tiny_run))
+    assert isinstance(model, LinfDistNet) and model.p == math.inf
+    x, y = load_fmnist("t10k", 100)
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    assert clean > 0.5
+    for eps in (0.1,):
+        cert = certify(model, x, y, eps)
+        assert int(cert.sum()) >= 10, f"only {int(cert.sum())} points certified at eps {eps}"
+        res = accuracy_vs_eps(model, x, y, eps_list=[eps], suite="standard", progress=False, checks=False,
+                              return_points=True)
+        robust = res["results"][0]["robust"]
+        assert not bool((cert & ~robust).any()), "the standard suite broke a certified point"
+        assert int(cert.sum()) <= int(robust.sum())
+        assert not bool(_pgd_margin(model, x[cert], y[cert], eps, steps=40, restarts=2).any())
+
+
+def test_drp_eval_reports_certified_accuracy(tiny_run, tmp_path):
+    js, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    res = subprocess.run([sys.executable, "-m", "drp_train", "eval", "--checkpoint", str(tiny_run), "--eps", "0.05",
+                          "0.1", "--suite", "quick", "--limit", "100", "--json", str(js), "--plot", str(png),
+                          "--quiet"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(js.read_text())
+    assert data["method"] == "certified" and data["model"] == "linf-dist"
+    for r in data["results"]:
+        assert 0.0 < r["certified_accuracy"] <= r["robust_accuracy"] <= data["clean_accuracy"]
+    assert data["results"][1]["certified_accuracy"] <= data["results"][0]["certified_accuracy"]
+    assert "certified" in res.stdout
+    assert_png(str(png))
+    # drp plot: this report beside a committed one, the certified line dashed
+    both = tmp_path / "both.png"
+    committed = os.path.join(os.path.dirname(__file__), "..", "results", "fashion-mnist", "drp-linf", "eval.json")
+    res = _drp("plot", f"{js}=certified", f"{committed}=DRP", "--out", str(both))
+    assert res.returncode == 0, res.stderr
+    assert_png(str(both))
+
+
+def _drp(*args):
+    return subprocess.run([sys.executable, "-m", "drp_train", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_drp_plot_rejects_bad_reports(tmp_path):
+    committed = os.path.join(os.path.dirname(__file__), "..", "results", "fashion-mnist", "drp-linf", "eval.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    cases = [
+        ((str(tmp_path / "missing.json"), "--out", str(tmp_path / "a.png")), "cannot read the report"),
+        ((str(bad), "--out", str(tmp_path / "a.png")), "not a `drp eval` report"),
+        ((committed, "--suite", "quick", "--out", str(tmp_path / "a.png")), "no suite 'quick'"),
+        ((committed, committed, "--out", str(tmp_path / "a.png")), "two reports are labelled"),
+        ((committed, "--out", str(tmp_path / "a.txt")), "--out: expected a file name ending in .png"),
+    ]
+    for args, message in cases:
+        res = _drp("plot", *args)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and message in lines[0], (args, res.stderr)
+    assert not list(tmp_path.glob("a.*"))
+
+
+def test_a_broken_certificate_is_reported_not_hidden(tiny_run, monkeypatch):
+    from drp_train import evaluation
+    from drp_train.checkpoint import load_classifier
+
+    model = load_classifier(str(tiny_run))
+    x, y = load_fmnist("t10k", 30)
+    monkeypatch.setattr(evaluation, "certified_points", lambda m, x, y, eps, batch_size=250: torch.ones(
+        x.shape[0], dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="certificate bug"):
+        evaluation.evaluate_model(model, x, y, eps_list=[0.3], suite="quick", progress=False, checks=False)
