@@ -356,6 +356,8 @@ def test_drp_plot_rejects_bad_reports(tmp_path):
         ((str(bad), "--out", str(tmp_path / "a.png")), "not a `drp eval` report"),
         ((committed, "--suite", "quick", "--out", str(tmp_path / "a.png")), "no suite 'quick'"),
         ((committed, committed, "--out", str(tmp_path / "a.png")), "two reports are labelled"),
+        ((os.path.join(os.path.dirname(committed), "..", "ce", "eval.json"), "--suite", "paper", "--out",
+          str(tmp_path / "a.png")), "the report is of suite 'standard', not 'paper'"),
         ((committed, "--out", str(tmp_path / "a.txt")), "--out: expected a file name ending in .png"),
     ]
     for args, message in cases:

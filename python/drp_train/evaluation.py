@@ -310,8 +310,10 @@ def add_plot_arguments(parser):
                         help="JSON reports written by `drp eval --json`, each optionally labelled, e.g. "
                              "results/fashion-mnist/pgd-at/eval.json=PGD-AT")
     parser.add_argument("--out", required=True, metavar="FILE", help="the plot to write (.png, .jpg, .pdf, .svg)")
-    parser.add_argument("--suite", default="standard",
-                        help="for reports holding several suites, the one to plot (default: standard)")
+    parser.add_argument("--suite", default=None,
+                        help="the suite to plot: picks it from reports holding several, and single-suite reports "
+                             "must be of it (default: standard from multi-suite reports, single-suite reports "
+                             "as they are)")
     parser.add_argument("--title", default=None, help="plot title")
     return parser
 
@@ -330,15 +332,18 @@ def _read_report(spec, suite):
     if not isinstance(data, dict):
         raise _cli_error(f"{path}: not a `drp eval` report")
     if "suites" in data:
+        suite = suite or "standard"
         if suite not in data["suites"]:
             raise _cli_error(f"{path}: no suite {suite!r} in the report (it holds {', '.join(data['suites'])}); "
                              "pick one with --suite")
         curve = dict(data["suites"][suite])
+        curve["suite"] = suite
     elif "results" in data:
-        if data.get("suite") not in (None, suite):
+        if suite is not None and data.get("suite") not in (None, suite):
             raise _cli_error(f"{path}: the report is of suite {data.get('suite')!r}, not {suite!r}; "
                              f"pass --suite {data.get('suite')}")
-        curve = {"clean_accuracy": data.get("clean_accuracy"), "results": data["results"]}
+        curve = {"clean_accuracy": data.get("clean_accuracy"), "results": data["results"],
+                 "suite": data.get("suite") or "standard"}
     else:
         raise _cli_error(f"{path}: not a `drp eval` report (no results)")
     curve["n"] = data.get("n")
@@ -360,7 +365,8 @@ def run_plot(args):
             raise _cli_error(f"two reports are labelled {label!r}: label them, e.g. FILE.json=NAME")
         curves[label] = curve
     ns = {c["n"] for c in curves.values() if c.get("n")}
-    title = args.title or f"accuracy against L-inf eps ({args.suite} suite" + (
+    suites = sorted({c["suite"] for c in curves.values()})
+    title = args.title or f"accuracy against L-inf eps ({' / '.join(suites)} suite" + (
         f", n={ns.pop()})" if len(ns) == 1 else ")")
     plot_accuracy_vs_eps(curves, args.out, title=title)
     print(f"wrote {args.out}")
