@@ -16,6 +16,7 @@ figure). Epoch time = median step time x steps per epoch of the 60000 training i
     python bench/bench_train_epoch.py --json bench/results/cpu_train_epoch.json
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,6 +45,7 @@ def _cfg(method, **kw):
 def _setup(cfg, x_all, y_all):
     from drp_train.methods import make_method
     from drp_train.models import build_network
+    from drp_train.train import make_optimizer
     import drp_kernels
 
     torch.manual_seed(0)
@@ -53,10 +55,7 @@ def _setup(cfg, x_all, y_all):
                                                                  method=cfg.proto_method, seed=0))
     method = make_method(cfg, prototypes=proto)
     net = build_network(cfg, output_dim=method.output_dim(10))
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-10)
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
+    opt = make_optimizer(cfg, net.parameters())
     bs = cfg.batch_size
     x, y = x_all[:bs].float().div(255.0), y_all[:bs]
     gen = torch.Generator().manual_seed(0)
@@ -64,19 +63,11 @@ def _setup(cfg, x_all, y_all):
 
     def step():
         net.train()
-        loss, _ = method.loss(net, classifier, x, y, generator=gen, autocast=_null)
+        loss, _ = method.loss(net, classifier, x, y, generator=gen, autocast=contextlib.nullcontext)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return net, step
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _time(step, reps):

@@ -34,10 +34,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._validate import check_int
+from .attacks._common import eval_mode
 from .layers import LpDist
 from .ops.lp_dist import check_p, lp_dist
 
-__all__ = ["LinfDistNet", "certify", "HEADS"]
+__all__ = ["LinfDistNet", "certify", "is_certifiable", "HEADS"]
 
 #: Prototype heads of ``LinfDistNet``.
 HEADS = ("learnable", "drp")
@@ -46,14 +48,6 @@ HEADS = ("learnable", "drp")
 # absolute amount), so that float32 rounding in the attacked forward pass cannot flip a certified
 # prediction: float64 bounds, float32 evaluation (relative error ~1e-6 through a few layers).
 _REL_SLACK = 2e-5
-
-
-def _int_arg(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    return v
 
 
 class LinfDistNet(nn.Module):
@@ -80,10 +74,10 @@ class LinfDistNet(nn.Module):
     def __init__(self, in_features: int, num_classes: int, *, depth: int, width: int, head: str = "learnable",
                  prototypes: Optional[torch.Tensor] = None, mean=0.0, std=1.0, p: float = 8.0):
         super().__init__()
-        _int_arg("in_features", in_features, 1)
-        _int_arg("num_classes", num_classes, 2)
-        _int_arg("depth", depth, 1)
-        _int_arg("width", width, 1)
+        check_int("in_features", in_features, 1)
+        check_int("num_classes", num_classes, 2)
+        check_int("depth", depth, 1)
+        check_int("width", width, 1)
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -190,6 +184,11 @@ def _unwrap(classifier):
     return inner if isinstance(inner, nn.Module) else classifier
 
 
+def is_certifiable(classifier) -> bool:
+    """Whether ``certify`` applies to ``classifier``: a ``LinfDistNet``, or ``torch.compile`` of one."""
+    return isinstance(_unwrap(classifier), LinfDistNet)
+
+
 def _interval_dist(lo, hi, w, p, chunk_elems=1 << 23):
     """Bounds of ``||h - w_n||_p`` over the box lo <= h <= hi: (lower, upper), each (B, N).
 
@@ -269,12 +268,8 @@ def certify(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float)
     if b == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev)
 
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         pred = classifier(x).argmax(dim=1)  # the model as it will be attacked (its own dtype)
-    finally:
-        net.train(was_training)
     net64 = copy.deepcopy(net).double().eval()
 
     x64 = x.reshape(b, -1).double()

@@ -119,7 +119,7 @@ def test_linf_dist_net_rejects_bad_arguments():
         LinfDistNet(4, 3, depth=1, width=4, head="bogus")
     with pytest.raises(ValueError, match="std must be > 0"):
         LinfDistNet(4, 3, depth=1, width=4, std=0.0)
-    with pytest.raises(ValueError, match="depth must be >= 1"):
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
         LinfDistNet(4, 3, depth=0, width=4)
     with pytest.raises(ValueError, match=r"prototypes must have shape \(3, 4\)"):
         LinfDistNet(4, 3, depth=1, width=4, prototypes=torch.zeros(3, 5))

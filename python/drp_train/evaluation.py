@@ -12,6 +12,7 @@ import time
 import torch
 
 from drp_kernels import attacks
+from drp_kernels.certified import is_certifiable
 
 from ._cli_utils import (
     PLOT_SUFFIXES,
@@ -116,13 +117,6 @@ def load_eval_data(dataset, *, data_dir=None, limit=None):
     except DatasetError as exc:
         raise _cli_error(_one_line(exc)) from None
     return x.float().div_(255.0), y.long()
-
-
-def is_certifiable(model) -> bool:
-    """Whether `drp_kernels.certify` applies to `model` (an l-inf-distance prototype network)."""
-    import drp_kernels
-
-    return isinstance(getattr(model, "_orig_mod", model), drp_kernels.LinfDistNet)
 
 
 def evaluate_model(model, x, y, *, eps_list, suite="standard", batch_size=None, seed=0, device=None,

@@ -58,7 +58,7 @@ from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirE
 from .methods import DRP, make_method
 from .models import build_network
 
-__all__ = ["train", "RESUME_MUTABLE_KEYS"]
+__all__ = ["train", "make_optimizer", "RESUME_MUTABLE_KEYS"]
 
 log = logging.getLogger("drp_train")
 
@@ -82,6 +82,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         return _Trainer(cfg, device=device, info=info, progress=progress and not cfg.quiet).run()
     finally:
         ddp.cleanup(info)
+
+
+def make_optimizer(cfg, params):
+    """The optimiser of a resolved TrainConfig: SGD with momentum, or Adam with the l-inf-distance
+    nets' settings (beta1 = --momentum, beta2 0.99, eps 1e-10)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.99), eps=1e-10,
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _pick_device(cfg):
@@ -333,13 +342,7 @@ class _Trainer:
             self.method.to(device)
         if cfg.model == "linf-dist" and ckpt is None:
             self._init_linf_dist_prototypes(num_classes)
-        if cfg.optimizer == "adam":
-            # the l-inf-distance nets' Adam settings (beta2 0.99, eps 1e-10)
-            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.99), eps=1e-10,
-                                              weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, self.net.parameters())
         n_train = self.x_train.shape[0]
         steps = math.ceil(n_train / cfg.batch_size)
         if info.enabled and n_train - (steps - 1) * cfg.batch_size < info.world_size:
