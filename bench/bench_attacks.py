@@ -22,6 +22,12 @@ is weaker than the original; the chain with 100 iterations is the equal-strength
     python bench/bench_attacks.py autoattack --checkpoint runs/fm-ce --eps 0.05 --n 200 \
         --json bench/results/cpu_autoattack.json [--providers drp ta-autoattack ta-chain]
 
+Provider ``floor`` (after ``drp`` in each round) times the model passes alone that any
+equal-strength run must make on the points ``drp`` leaves robust: APGD-CE's 100 and APGD-T's
+9 x 100 forward+backward passes and Square's 5000 forward passes each, nothing else. It is a
+lower bound on the suite's time with the model's own passes, so torchattacks' time over it is
+the most any engine could be faster at equal strength.
+
 ``--engine MODULE`` times another copy of the attack package (e.g. an older revision's
 ``drp_kernels/attacks`` saved as a package on PYTHONPATH) as provider ``drp@MODULE``. Several
 --checkpoint/--eps pairs may be given; results are appended to the JSON's "runs".
@@ -131,13 +137,15 @@ def _provider_run(kind, model, x, y, eps, batch, engine):
     t0, c0 = time.perf_counter(), time.process_time()
     if kind.startswith("drp"):
         mod = importlib.import_module(engine)
-        r = mod.evaluate(model, x, y, eps=eps, suite="standard", batch_size=batch, seed=0, progress=False,
-                         checks=False)
+        # evaluate() at one eps, as accuracy_vs_eps (the same engine path) to get the robust points
+        r = mod.accuracy_vs_eps(model, x, y, eps_list=[eps], suite="standard", batch_size=batch, seed=0,
+                                progress=False, checks=False, return_points=True)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"time_s": elapsed, "cpu_s": cpu, "robust_accuracy": r["robust_accuracy"],
+        r0 = r["results"][0]
+        return {"time_s": elapsed, "cpu_s": cpu, "robust_accuracy": r0["robust_accuracy"],
                 "clean_accuracy": r["clean_accuracy"],
-                "stage_times_s": {k: round(v, 3) for k, v in r["timings"].items()},
-                "per_attack": r["per_attack"]}
+                "stage_times_s": {k: round(v, 3) for k, v in r0["timings"].items()},
+                "per_attack": r0["per_attack"], "robust": r0["robust"]}
     n_classes = int(model(x[:1]).shape[1])
     advs = []
     with torch.random.fork_rng(devices=[]):
@@ -149,6 +157,45 @@ def _provider_run(kind, model, x, y, eps, batch, engine):
         clean = (model(x).argmax(1) == y).float().mean().item()
     return {"time_s": elapsed, "cpu_s": cpu, "robust_accuracy": robust.float().mean().item(),
             "clean_accuracy": clean}
+
+
+def _floor_run(model, x, y, eps, batch, robust):
+    """The model passes alone that any run of the standard suite at equal strength must make on the
+    points it leaves robust (``robust``, from provider drp): each survives every iteration and
+    query, so it costs APGD-CE's 100 forward+backward passes, APGD-T's 9 x 100 (its rows stacked
+    in batches of at most ``batch``, as the engine does) and Square's 5000 forward passes, at
+    points inside the ball. Nothing else (no step, proposal or bookkeeping) is timed, and the
+    points the suite breaks, which cost passes too, are left out: a lower bound on the suite's
+    time with these passes, whoever implements it."""
+    import time
+
+    from drp_kernels.attacks import _common as C
+    from drp_kernels.attacks.evaluate import SUITES
+
+    cfg = SUITES["standard"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    idx = robust.nonzero().squeeze(1)
+    xs, ys = x[idx], y[idx]
+    gen = torch.Generator().manual_seed(0)
+    xa = (xs + eps * (2 * torch.rand(xs.shape, generator=gen) - 1)).clamp(0, 1)
+    if idx.numel() > 0:
+        for _ in range(cfg["ce_steps"]):
+            C.input_grad(model, xa, ys, C.ce_loss)
+        with torch.no_grad():
+            top = model(xs).topk(cfg["n_targets"] + 1, dim=1).indices[:, 1:]
+        rows_x = xa.repeat(cfg["n_targets"], 1, 1, 1)
+        rows_y = ys.repeat(cfg["n_targets"])
+        rows_t = top.t().reshape(-1)
+        per = max(1, batch // idx.numel()) * idx.numel()
+        for s in range(0, rows_x.shape[0], per):
+            xr, yr, tr = rows_x[s:s + per], rows_y[s:s + per], rows_t[s:s + per]
+            for _ in range(cfg["t_steps"]):
+                C.input_grad(model, xr, yr, lambda z, yy, t=tr: C.dlr_targeted_loss(z, yy, t))
+        with torch.inference_mode():
+            for _ in range(cfg["square_queries"]):
+                model(xa)
+    return {"time_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "robust_accuracy": float(robust.float().mean()), "points": int(idx.numel())}
 
 
 def autoattack_main(argv=None):
@@ -166,8 +213,9 @@ def autoattack_main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1,
                     help="time every provider this many times, interleaved (the minimum is the figure)")
-    ap.add_argument("--providers", nargs="+", default=["drp", "ta-autoattack", "ta-chain"],
-                    choices=["drp", "ta-autoattack", "ta-chain"])
+    ap.add_argument("--providers", nargs="+", default=["drp", "floor", "ta-autoattack", "ta-chain"],
+                    choices=["drp", "floor", "ta-autoattack", "ta-chain"],
+                    help="floor: the model passes alone on the points drp leaves robust (needs drp first)")
     ap.add_argument("--engine", default=None, help="also time this attack package as provider drp@ENGINE")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -198,8 +246,17 @@ def autoattack_main(argv=None):
                "batch": args.batch, "threads": args.threads, "providers": {},
                "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for _ in range(args.repeat):
+            robust = None
             for kind, engine in providers:
-                res = _provider_run(kind, model, x, y, eps, args.batch, engine)
+                if kind == "floor":
+                    if robust is None:
+                        ap.error("provider floor needs provider drp before it")
+                    res = _floor_run(model, x, y, eps, args.batch, robust)
+                else:
+                    res = _provider_run(kind, model, x, y, eps, args.batch, engine)
+                if kind == "drp":
+                    robust = res.pop("robust")
+                res.pop("robust", None)
                 res["load_after"] = os.getloadavg()
                 prev = run["providers"].get(kind)
                 times = (prev["times_s"] if prev else []) + [res["time_s"]]

@@ -1,0 +1,146 @@
+"""The fused CPU ops of the Square Attack (csrc/square.cpp): bit for bit the PyTorch
+formulation of attacks/square.py, every input checked."""
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from drp_kernels import attacks as A
+from drp_kernels.ops import pgd_step as pgd_ops
+
+pytestmark = [pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="drp_kernels._C not built"),
+              pytest.mark.usefixtures("one_thread")]
+
+sq = importlib.import_module("drp_kernels.attacks.square")
+propose = torch.ops.drp.square_propose_cpu if pgd_ops.extension_error() is None else None
+accept = torch.ops.drp.square_accept_cpu_ if pgd_ops.extension_error() is None else None
+
+
+def _model(c, side, dtype, classes=10, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, 32), nn.ReLU(), nn.Linear(32, classes)).to(dtype)
+
+
+def _data(n, c, side, dtype, model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, c, side, side, generator=g).to(dtype)
+    x[:4] = 0.0  # at the box's corners, many proposals equal the current point (the sign flip)
+    x[4:8] = 1.0
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::5] = (y[::5] + 1) % 10  # some points misclassified from the start
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fused_matches_pytorch_bit_for_bit(dtype, c, per_sample):
+    model = _model(c, 12, dtype)
+    x, y = _data(40, c, 12, dtype, model)
+    eps = (torch.rand(40, generator=torch.Generator().manual_seed(2)) * 0.2).to(dtype) if per_sample else 0.08
+    outs = []
+    for fused in (False, True):
+        gen = torch.Generator().manual_seed(3)
+        outs.append(sq._square(model, x, y, eps=eps, queries=400, p_init=0.8, generator=gen, fused=fused))
+    (xa, fa), (xb, fb) = outs
+    assert torch.equal(fa, fb)
+    assert torch.equal(xa, xb)
+    assert 0 < int(fa.sum()) < 40  # some points broken during the search, some not: both paths exercised
+
+
+def test_square_uses_the_fused_ops_on_cpu(monkeypatch):
+    seen = []
+    real = sq._square_search
+
+    def spy(*a, **kw):
+        seen.append(kw["ops"] is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sq, "_square_search", spy)
+    model = _model(1, 8, torch.float32)
+    x, y = _data(6, 1, 8, torch.float32, model)
+    A.square(model, x, y, eps=0.1, queries=5)
+    assert seen == [True]
+
+
+def test_fused_true_without_the_ops_is_an_error(monkeypatch):
+    monkeypatch.setattr(sq, "_fused_ops", lambda: None)
+    model = _model(1, 8, torch.float32)
+    x, y = _data(6, 1, 8, torch.float32, model)
+    with pytest.raises(RuntimeError, match="fused=True needs"):
+        sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, generator=None, fused=True)
+    # the default falls back to the PyTorch formulation
+    sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, generator=None)
+
+
+def test_propose_writes_the_window_and_flips_a_wasted_proposal():
+    x = torch.zeros(2, 2, 5, 6)
+    x[1] = 0.5
+    xb = x.clone()
+    eps = torch.tensor([0.25, 0.25])
+    signs = torch.tensor([[-1.0, -1.0], [1.0, -1.0]])
+    vh, vw = torch.tensor([1, 0]), torch.tensor([2, 3])
+    out = propose(x, xb, eps, vh, vw, 2, signs)
+    want = xb.clone()
+    # point 0: x = 0 with sign -1 clamps to 0 = x_best everywhere: channel 0 flips to +eps
+    want[0, 0, 1:3, 2:4] = 0.25
+    want[1, 0, 0:2, 3:5] = 0.75
+    want[1, 1, 0:2, 3:5] = 0.25
+    assert torch.equal(out, want)
+    assert torch.equal(xb, x)  # inputs untouched
+
+
+def test_accept_keeps_improvements_and_counts_broken():
+    xb = torch.zeros(4, 1, 2, 2)
+    x_new = torch.ones(4, 1, 2, 2)
+    mb = torch.tensor([1.0, 1.0, 0.5, -1.0])
+    logits = torch.tensor([[2.0, 1.5, 0.0],     # margin 0.5 < 1: accepted
+                           [3.0, 1.0, 1.0],     # margin 2: rejected
+                           [1.0, 1.0, 0.0],     # margin 0 (a tie): accepted, broken
+                           [math.nan, 0.0, 0.0]])  # NaN: never accepted
+    y = torch.zeros(4, dtype=torch.long)
+    n = accept(xb, mb, x_new, logits, y)
+    assert n == 2  # points 2 (margin 0) and 3 (already -1)
+    assert torch.equal(mb, torch.tensor([0.5, 1.0, 0.0, -1.0]))
+    assert xb.flatten(1).amax(1).tolist() == [1.0, 0.0, 1.0, 0.0]
+    # the margin is the float32 one of attacks._common.margin, bit for bit
+    z = torch.randn(64, 10, dtype=torch.float64)
+    yy = torch.randint(0, 10, (64,))
+    from drp_kernels.attacks import _common as C
+    m = torch.full((64,), math.inf)
+    accept(torch.zeros(64, 1), m, torch.zeros(64, 1), z, yy)
+    assert torch.equal(m, C.margin(z, yy))
+
+
+def test_ops_reject_bad_inputs():
+    x = torch.rand(3, 1, 6, 6)
+    e = torch.full((3,), 0.1)
+    s = torch.ones(3, 1)
+    v = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        propose(x, x, e, torch.tensor([0, 5, 0]), v, 2, s)
+    with pytest.raises(RuntimeError, match="s must be in"):
+        propose(x, x, e, v, v, 7, s)
+    with pytest.raises(RuntimeError, match="dtype"):
+        propose(x, x.double(), e, v, v, 2, s)
+    with pytest.raises(RuntimeError, match="signs must be"):
+        propose(x, x, e, v, v, 2, torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="eps must be"):
+        propose(x, x, e[:2], v, v, 2, s)
+    with pytest.raises(RuntimeError, match="int64"):
+        propose(x, x, e, v.int(), v, 2, s)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        propose(x.transpose(2, 3), x, e, v, v, 2, s)
+    m = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="is not a class"):
+        accept(x.clone(), m, x, torch.zeros(3, 4), torch.tensor([0, 4, 1]))
+    with pytest.raises(RuntimeError, match="margin_best must be float32"):
+        accept(x.clone(), m.double(), x, torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="logits must be"):
+        accept(x.clone(), m, x, torch.zeros(2, 4), torch.zeros(3, dtype=torch.long))
+    # an empty batch is fine
+    assert propose(x[:0], x[:0], e[:0], v[:0], v[:0], 2, s[:0]).shape == (0, 1, 6, 6)
+    assert accept(x[:0].clone(), m[:0], x[:0], torch.zeros(0, 4), v[:0]) == 0
