@@ -177,8 +177,20 @@ def test_torch_compile_fullgraph(triton_backend):
     assert_verbose_allclose(p1.grad, p2.grad, atol=1e-5, rtol=1e-4, name="compiled grad")
 
 
-# derandomize: CI runs the same 20 examples every time (a random search once hit D=1 cosine,
-# where the exact gradient is 0 and fp32 cancellation leaves ~2e-6; see the issue notes)
+@pytest.mark.parametrize("C,temperature,seed,kind", [(8, 1.68, 32890, "sum"), (12, 1.16, 54317, "sum"),
+                                                      (7, 0.16, 4709, "softmin"), (10, 1.84, 12225, "softmin")])
+def test_cosine_one_dimension_gradient_is_zero(triton_backend, C, temperature, seed, kind):
+    """At D = 1 every cosine is +-1, the energy is constant and its gradient exactly 0. The rows
+    used to be normalised in fp32, whose projection onto the sphere left up to 3.8e-6 here (rows
+    with |p| ~ 0.05); found by the property test below. Now the gradient is 0 to fp64 rounding."""
+    P = _inputs(C, 1, metric="cosine", seed=seed)
+    _e, g = _energy_and_grad(repulsion_energy, P, metric="cosine", kind=kind, temperature=temperature)
+    assert g.abs().max().item() <= 1e-12
+    _check_against_reference(P, metric="cosine", kind=kind, temperature=temperature)
+
+
+# derandomize: CI runs the same 20 examples every time, so a run is reproducible (a random search
+# once hit D=1 cosine, now fixed and pinned above; 1600 random examples pass)
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(C=st.integers(2, 12), D=st.integers(1, 9), metric=st.sampled_from(METRICS), kind=st.sampled_from(KINDS),
        temperature=st.floats(0.05, 2.0), seed=st.integers(0, 2**16))

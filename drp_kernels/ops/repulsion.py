@@ -2,7 +2,7 @@
 
 Notation: X is (C, D); d_ij is the pairwise "distance" of rows i and j.
 
-  metric "cosine": the launcher L2-normalises the rows in PyTorch first (differentiable, O(C*D)),
+  metric "cosine": the launcher L2-normalises the rows in PyTorch first (float64, differentiable, O(C*D)),
                    the kernels then see unit rows and use d_ij = 1 - x_i . x_j with ``tl.dot``;
   metric "l2":     d_ij = ||x_i - x_j||_2, broadcast-reduce over D chunks;
   metric "linf":   d_ij = max_k |x_ik - x_jk|, broadcast-reduce over D chunks.
@@ -204,15 +204,19 @@ def repulsion_energy(P: torch.Tensor, *, metric: str = "cosine", kind: str = "so
     """Repulsion energy of the rows of P on the Triton kernels (differentiable w.r.t. P).
 
     Same definition as ``drp_kernels.reference.repulsion_energy``. Returns an fp32 scalar.
-    cosine normalises the rows in fp32 first (an O(C*D) copy, differentiable through autograd).
+    cosine normalises the rows in float64 first (O(C*D) copies, differentiable through autograd).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if metric == "cosine":
-        pf = P.to(torch.float32)
-        x = pf / torch.linalg.vector_norm(pf, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+        # unit rows computed in float64 (O(C*D)), then rounded to fp32: the kernel's rows are the
+        # correctly rounded unit vectors, and the gradient's projection onto the sphere (autograd
+        # through this line) runs in float64, so it cancels what it should: at D = 1 the energy
+        # is constant and the gradient exactly 0, where an fp32 projection left ~1e-7 / |p_i|.
+        p64 = P.to(torch.float64)
+        x = (p64 / torch.linalg.vector_norm(p64, dim=1, keepdim=True).clamp_min(COSINE_EPS)).to(torch.float32)
     else:
         x = P
     energy, _row = torch.ops.drp.repulsion_fwd(x, metric, kind, float(temperature))
