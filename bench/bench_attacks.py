@@ -5,6 +5,8 @@ The CNN is the PAPER.md Fashion-MNIST one: conv 16 and conv 32 (4x4, stride 2), 
 Shapes: CUDA batch 512 x 1 x 28 x 28 with 20 steps (target: drp >= 1.3x eager);
 CPU batch 64 with 10 steps, one thread (recorded in bench/results/cpu_attacks.json).
 Run: pytest bench/bench_attacks.py --benchmark-only
+``test_square_query_overhead``: Square's per-query bookkeeping on the CPU, fused C++ ops against
+the same algorithm in PyTorch ops, with a model that costs nothing (7 / 30 / 145 points).
 
 The evaluation engine against torchattacks' AutoAttack (minutes per model, so a script, not a
 pytest-benchmark case): ``evaluate(suite="standard", checks=False)`` and torchattacks'
@@ -98,6 +100,51 @@ def test_pgd(benchmark, timed, provider, kind):
     finally:
         if kind == "cpu":
             torch.set_num_threads(n_threads)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A model that costs nothing: the same correct-class logits for every query, so Square's
+    own per-query work is all that is timed and no point ever breaks."""
+
+    def __init__(self, n, classes=10):
+        super().__init__()
+        self.register_buffer("z", torch.zeros(n, classes))
+        self.z[:, 0] = 1.0
+
+    def forward(self, x):
+        return self.z[:x.shape[0]]
+
+
+@pytest.mark.parametrize("points", [7, 30, 145])
+@pytest.mark.parametrize("provider", ["fused", "pytorch"])
+def test_square_query_overhead(benchmark, timed, provider, points):
+    """Square's per-query bookkeeping (proposal, acceptance, random draws) on the CPU, 1 thread:
+    the fused C++ ops ("fused", the default on CPU) against the same algorithm in PyTorch ops
+    ("pytorch", used on other devices), 300 queries on ``points`` 1x28x28 points. The numbers
+    of the Evaluation engine section of RESULTS.md (bit-identical outputs: tests/test_square_fused.py)."""
+    import importlib
+
+    sq = importlib.import_module("drp_kernels.attacks.square")
+    if provider == "fused" and sq._fused_ops() is None:
+        pytest.skip("drp_kernels._C without the Square ops")
+    queries = 300
+    x = torch.rand(points, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(points, dtype=torch.long)
+    model = _FixedLogits(points)
+    logits = model(x)
+
+    def fn():
+        gen = torch.Generator().manual_seed(0)
+        return sq._square(model, x, y, eps=0.05, queries=queries, p_init=0.8, generator=gen, clean_logits=logits,
+                          fused=provider == "fused")
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timed(benchmark, fn, group=f"square-queries-cpu-k{points}", provider=provider, device=x.device,
+              points=points, queries=queries)
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def _run(benchmark, timed, fn, x, device, kind, shape, steps, provider):
