@@ -51,6 +51,29 @@ def test_fused_matches_pytorch_bit_for_bit(dtype, c, per_sample):
     assert 0 < int(fa.sum()) < 40  # some points broken during the search, some not: both paths exercised
 
 
+def test_fused_matches_pytorch_wide_batch_two_threads_float16():
+    """More than one parallel chunk (k > 64, 2 threads), a non-square image, float16."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 10 * 14, 10))
+
+    def model(t):
+        return lin(t.float())
+
+    x = torch.rand(150, 3, 10, 14, generator=torch.Generator().manual_seed(1)).half()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = torch.rand(150, generator=torch.Generator().manual_seed(2)) * 0.1
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = [sq._square(model, x, y, eps=eps, queries=300, p_init=0.8, generator=torch.Generator().manual_seed(3),
+                           fused=fused) for fused in (False, True)]
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert 0 < int(outs[0][1].sum()) < 150
+
+
 def test_square_uses_the_fused_ops_on_cpu(monkeypatch):
     seen = []
     real = sq._square_search
