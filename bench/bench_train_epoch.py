@@ -67,7 +67,7 @@ def _setup(cfg, x_all, y_all):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return net, step
+    return net, step, bs
 
 
 def _time(step, reps):
@@ -110,9 +110,10 @@ def main(argv=None):
 
     x_all, y_all = load_dataset("fashion-mnist", split="train", limit=1024)
     ps = [8.0, 64.0, 1000.0, math.inf]
-    providers = {"ce": _setup(_cfg("ce"), x_all, y_all)[1], "pgd-at": _setup(_cfg("pgd-at"), x_all, y_all)[1]}
-    cert_net, cert_step = _setup(_cfg("certified", depth=args.depth, width=args.width), x_all, y_all)
-    batch = {"ce": 128, "pgd-at": 128}
+    providers, batch = {}, {}
+    for name in ("ce", "pgd-at"):
+        _net, providers[name], batch[name] = _setup(_cfg(name), x_all, y_all)
+    cert_net, cert_step, cert_batch = _setup(_cfg("certified", depth=args.depth, width=args.width), x_all, y_all)
 
     def at_p(p, fn):
         def run():
@@ -121,7 +122,7 @@ def main(argv=None):
         return run
     for p in ps:
         providers[f"certified@p={p:g}"] = at_p(p, cert_step)
-        batch[f"certified@p={p:g}"] = 512
+        batch[f"certified@p={p:g}"] = cert_batch
     ref_ps = [8.0, math.inf] if args.reference else []
 
     def with_reference(p):
@@ -139,7 +140,7 @@ def main(argv=None):
         return run
     for p in ref_ps:
         providers[f"certified-reference@p={p:g}"] = with_reference(p)
-        batch[f"certified-reference@p={p:g}"] = 512
+        batch[f"certified-reference@p={p:g}"] = cert_batch
 
     times = {k: [] for k in providers}
     for r in range(args.rounds):

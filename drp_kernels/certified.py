@@ -38,6 +38,7 @@ from ._validate import check_int
 from .attacks._common import eval_mode
 from .layers import LpDist
 from .ops.lp_dist import check_p, lp_dist
+from .reference import scaled_pnorm
 
 __all__ = ["LinfDistNet", "certify", "is_certifiable", "HEADS"]
 
@@ -210,8 +211,8 @@ def _interval_dist(lo, hi, w, p, chunk_elems=1 << 23):
         lo_c, hi_c = lo[i:i + step, None, :], hi[i:i + step, None, :]
         far = torch.maximum((lo_c - w).abs(), (hi_c - w).abs())
         near = (lo_c - w).clamp_min(0) + (w - hi_c).clamp_min(0)
-        out_lo[i:i + step] = _pnorm(near, p)
-        out_hi[i:i + step] = _pnorm(far, p)
+        out_lo[i:i + step] = scaled_pnorm(near, p)
+        out_hi[i:i + step] = scaled_pnorm(far, p)
     return out_lo, out_hi
 
 
@@ -222,15 +223,6 @@ def _linf_max_plus(a, w):
         return torch.full((a.shape[0], w.shape[0]), -math.inf, dtype=a.dtype, device=a.device)
     t = float((w.max() - a.min()).clamp_min(0.0)) + 1.0
     return lp_dist(a + t, w, p=math.inf) - t
-
-
-def _pnorm(a, p):
-    if p == math.inf:
-        return a.amax(dim=-1)
-    m = a.amax(dim=-1, keepdim=True)
-    safe = torch.where(m > 0, m, torch.ones_like(m))
-    return (safe * ((a / safe) ** p).sum(dim=-1, keepdim=True) ** (1.0 / p)).squeeze(-1).where(
-        m.squeeze(-1) > 0, torch.zeros_like(m.squeeze(-1)))
 
 
 @torch.no_grad()
@@ -284,7 +276,7 @@ def certify(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float)
         w = layer.weight
         center = lp_dist(c, w, p=p)
         d_lo, d_hi = _interval_dist(lo, hi, w, p)
-        radius = _pnorm(dev_vec, p)[:, None]  # | ||h - w|| - ||c - w|| | <= ||h - c||_p
+        radius = scaled_pnorm(dev_vec, p)[:, None]  # | ||h - w|| - ||c - w|| | <= ||h - c||_p
         d_lo = torch.maximum(d_lo, center - radius)
         d_hi = torch.minimum(d_hi, center + radius)
         shift = layer.running_mean if layer.mean_shift else torch.zeros_like(center[0])
@@ -296,7 +288,7 @@ def certify(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float)
     dist = lp_dist(c, protos, p=p) + offset
     d_lo, d_hi = _interval_dist(lo, hi, protos, p)
     d_lo, d_hi = d_lo + offset, d_hi + offset
-    radius = _pnorm(dev_vec, p)[:, None]
+    radius = scaled_pnorm(dev_vec, p)[:, None]
     rows = torch.arange(b, device=dev)
     yl = y.long()
     dist_y = dist[rows, yl][:, None]

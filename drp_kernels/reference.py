@@ -21,6 +21,7 @@ __all__ = [
     "pairwise_distance",
     "repulsion_energy",
     "lp_dist",
+    "scaled_pnorm",
 ]
 
 Budget = Union[float, torch.Tensor]
@@ -300,6 +301,15 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
         return a.sum(dim=-1)
     if p == math.inf:
         return a.gather(-1, a.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return scaled_pnorm(a, p)
+
+
+def scaled_pnorm(a: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-norm over the last dimension of magnitudes ``a >= 0`` (non-empty), computed as
+    ``m * (sum_k (a_k / m)^p)^(1/p)`` with m the largest a_k, so p = 1000 neither overflows nor
+    underflows; 0 where every a_k is 0 (with a zero gradient there). p = inf: the maximum."""
+    if p == math.inf:
+        return a.amax(dim=-1)
     m = a.amax(dim=-1, keepdim=True)
     nonzero = m > 0
     m_safe = torch.where(nonzero, m, torch.ones_like(m))

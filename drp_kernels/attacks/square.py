@@ -128,9 +128,9 @@ def _square_search(model, x, y, *, eps, queries, p_init, generator, clean_logits
             xb = torch.where(improved.view(-1, 1, 1, 1), x_new, xb)
             mc = torch.where(improved, m_new, mc)
             n_broken = None  # known only after a look at the device
-        if it % every == 0 or it + 1 == queries:
+        if (it % every == 0 or it + 1 == queries) and n_broken != 0:
             broken = mc <= 0
-            if n_broken > 0 if n_broken is not None else bool(broken.any()):
+            if n_broken is not None or bool(broken.any()):
                 out[orig[broken]] = xb[broken]
                 marg[orig[broken]] = mc[broken]
                 keep = (~broken).nonzero().squeeze(1)

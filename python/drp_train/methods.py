@@ -20,6 +20,7 @@ from torch import nn
 
 import drp_kernels
 from drp_kernels.attacks import eval_mode
+from drp_kernels.attacks._common import margin as logit_margin
 
 __all__ = ["Method", "make_method", "Certified", "p_schedule"]
 
@@ -214,9 +215,7 @@ class Certified(Method):
         with autocast():
             logits = model(x).float()
         theta = 2.0 * attack_model.lipschitz(p=math.inf) * self.eps_train
-        true = logits.gather(1, y[:, None])
-        others = logits.scatter(1, y[:, None], -math.inf)
-        margin = (true - others.amax(dim=1, keepdim=True)).squeeze(1)
+        margin = logit_margin(logits, y)
         hinge = (theta - margin).clamp(0.0, theta).mean() if theta > 0 else (-margin).clamp_min(0.0).mean()
         if self.ce_weight:
             loss = hinge + self.ce_weight * F.cross_entropy(attack_model.ce_scale * logits, y)
