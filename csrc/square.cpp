@@ -16,16 +16,25 @@
 //     margin = z_y - max_{i != y} z_i in float32 (NaN in a row gives NaN); where it is below
 //     margin_best, x_best and margin_best take the proposal's. Returns how many points have
 //     margin_best <= 0 afterwards (broken).
-// Both reproduce the PyTorch formulation bit for bit: the same operations in the same order
-// and dtype (x + (eps * sign), then the clamp; the margin in float32).
+//   square_draws_cpu(keys, counter, bounds, n_signs, dtype) -> (ints, signs)
+//     The per-point keyed draws of one query (drp_kernels/attacks/_keys.py): with
+//     b_j = derive(derive(key, counter), j) (splitmix64), ints[j, i] = (b_j >>> 1) mod bounds[j]
+//     for j < len(bounds) (int64, (len(bounds), k), so each row is contiguous) and
+//     signs[i, m] = b_{len(bounds) + m} < 2^63 ? +1 : -1 ((k, n_signs) of dtype).
+// The first two reproduce the PyTorch formulation bit for bit: the same operations in the same
+// order and dtype (x + (eps * sign), then the clamp; the margin in float32). The draws are
+// integer arithmetic mod 2^64, identical to _keys.py's int64 tensor version on any device.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <vector>
 
 namespace drp {
 namespace sq {
@@ -163,6 +172,42 @@ int64_t square_accept_cpu_(Tensor& xb, Tensor& mb, const Tensor& x_new, const Te
   return broken;
 }
 
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+inline uint64_t derive(uint64_t key, uint64_t part) { return mix64(key + (part + 1) * kGolden); }
+
+std::tuple<Tensor, Tensor> square_draws_cpu(const Tensor& keys, int64_t counter, at::IntArrayRef bounds,
+                                            int64_t n_signs, at::ScalarType dtype) {
+  check_cpu(keys, "keys");
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.dim() == 1, "keys must be a 1-D int64 tensor, got ",
+              keys.scalar_type(), " of shape ", keys.sizes());
+  TORCH_CHECK(counter >= 0, "counter must be >= 0, got ", counter);
+  TORCH_CHECK(n_signs >= 0, "n_signs must be >= 0, got ", n_signs);
+  for (const int64_t b : bounds) TORCH_CHECK(b >= 1, "every bound must be >= 1, got ", b);
+  const int64_t k = keys.size(0), nb = static_cast<int64_t>(bounds.size());
+  Tensor ints = at::empty({nb, k}, keys.options());
+  Tensor sg = at::empty({k, n_signs}, keys.options().dtype(dtype));
+  const int64_t* pk = keys.data_ptr<int64_t>();
+  int64_t* pi = ints.data_ptr<int64_t>();
+  std::vector<uint64_t> bnd(bounds.begin(), bounds.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "square_draws_cpu", [&] {
+    scalar_t* ps = sg.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < k; ++i) {
+      const uint64_t q = derive(static_cast<uint64_t>(pk[i]), static_cast<uint64_t>(counter));
+      for (int64_t j = 0; j < nb; ++j) pi[j * k + i] = static_cast<int64_t>((derive(q, j) >> 1) % bnd[j]);
+      for (int64_t m = 0; m < n_signs; ++m)
+        ps[i * n_signs + m] = static_cast<scalar_t>((derive(q, nb + m) >> 63) ? -1 : 1);
+    }
+  });
+  return {ints, sg};
+}
+
 }  // namespace
 }  // namespace sq
 }  // namespace drp
@@ -172,9 +217,11 @@ TORCH_LIBRARY_FRAGMENT(drp, m) {
       "square_propose_cpu(Tensor x, Tensor x_best, Tensor eps, Tensor vh, Tensor vw, int s, Tensor signs) -> "
       "Tensor");
   m.def("square_accept_cpu_(Tensor(a!) x_best, Tensor(b!) margin_best, Tensor x_new, Tensor logits, Tensor y) -> int");
+  m.def("square_draws_cpu(Tensor keys, int counter, int[] bounds, int n_signs, ScalarType dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(drp, CPU, m) {
   m.impl("square_propose_cpu", &drp::sq::square_propose_cpu);
   m.impl("square_accept_cpu_", &drp::sq::square_accept_cpu_);
+  m.impl("square_draws_cpu", &drp::sq::square_draws_cpu);
 }

@@ -171,7 +171,10 @@ def test_evaluate_quick_contract_and_no_false_flags(data):
     net, x, y = data
     x, y = x[:100], y[:100]
     r = A.evaluate(net, x, y, eps=EPS, suite="quick", batch_size=40, progress=False, check_samples=24)
-    assert set(r) == {"clean_accuracy", "robust_accuracy", "per_attack", "timings", "flags", "n"}
+    assert set(r) == {"clean_accuracy", "clean_count", "robust_accuracy", "robust_count", "per_attack",
+                      "per_attack_counts", "timings", "flags", "n"}
+    assert r["robust_accuracy"] == r["robust_count"] / 100 and r["clean_accuracy"] == r["clean_count"] / 100
+    assert r["per_attack"] == {k: c / 100 for k, c in r["per_attack_counts"].items()}
     assert r["n"] == 100 and list(r["per_attack"]) == ["apgd-ce", "apgd-t"]
     assert r["clean_accuracy"] == pytest.approx(accuracy(net, x, y))
     pa = list(r["per_attack"].values())

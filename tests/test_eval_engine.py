@@ -149,13 +149,14 @@ def test_sweep_does_not_attack_broken_points_again(models, monkeypatch):
             calls.append((current.get("eps"), xx.shape[0]))
             return self.net(xx)
 
-    run_one = ev._evaluate
+    run_step = ev._sweep_step
 
     def tagged(*args, **kw):
-        current["eps"] = kw["eps"]
-        return run_one(*args, **kw)
+        step = args[4]
+        current["eps"] = kw["eps_list"][kw["order"][step // len(kw["stages"])]]
+        return run_step(*args, **kw)
 
-    monkeypatch.setattr(ev, "_evaluate", tagged)
+    monkeypatch.setattr(ev, "_sweep_step", tagged)
     r = A.accuracy_vs_eps(Counting(), x, y, eps_list=[0.3, 0.03], suite="quick", progress=False, checks=False)
     left = round(r["results"][1]["robust_accuracy"] * x.shape[0])  # robust at eps 0.03
     assert 0 < left < x.shape[0]
@@ -188,8 +189,8 @@ def test_stacked_runs_report_each_point_truthfully(models):
             clean = m(x)
         for loss, runs in (("dlr-t", {"n_target_classes": 5, "restarts": 1}), ("ce", {"n_target_classes": 1,
                                                                                      "restarts": 3})):
-            gen = torch.Generator().manual_seed(0)
-            out, fooled = apgd_mod._apgd(m, x, y, eps=0.03, steps=15, norm="linf", loss=loss, generator=gen,
+            keys = torch.arange(x.shape[0], dtype=torch.int64)
+            out, fooled = apgd_mod._apgd(m, x, y, eps=0.03, steps=15, norm="linf", loss=loss, keys=keys,
                                          clean_logits=clean, max_rows=10 ** 6, **runs)
             assert bool(((out - x).abs() <= 0.03).all() and (out >= 0).all() and (out <= 1).all())
             with torch.no_grad():

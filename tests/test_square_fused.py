@@ -1,5 +1,5 @@
 """The fused CPU ops of the Square Attack (csrc/square.cpp): bit for bit the PyTorch
-formulation of attacks/square.py, every input checked."""
+formulation of attacks/square.py (the per-point keyed draws too), every input checked."""
 import importlib
 import math
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from drp_kernels import attacks as A
+from drp_kernels.attacks import _keys as R
 from drp_kernels.ops import pgd_step as pgd_ops
 
 pytestmark = [pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="drp_kernels._C not built"),
@@ -16,6 +17,11 @@ pytestmark = [pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="
 sq = importlib.import_module("drp_kernels.attacks.square")
 propose = torch.ops.drp.square_propose_cpu if pgd_ops.extension_error() is None else None
 accept = torch.ops.drp.square_accept_cpu_ if pgd_ops.extension_error() is None else None
+draws = torch.ops.drp.square_draws_cpu if pgd_ops.extension_error() is None else None
+
+
+def _keys(n, seed=3):
+    return R.point_keys(seed, torch.arange(n), 99)
 
 
 def _model(c, side, dtype, classes=10, seed=0):
@@ -43,8 +49,7 @@ def test_fused_matches_pytorch_bit_for_bit(dtype, c, per_sample):
     eps = (torch.rand(40, generator=torch.Generator().manual_seed(2)) * 0.2).to(dtype) if per_sample else 0.08
     outs = []
     for fused in (False, True):
-        gen = torch.Generator().manual_seed(3)
-        outs.append(sq._square(model, x, y, eps=eps, queries=400, p_init=0.8, generator=gen, fused=fused))
+        outs.append(sq._square(model, x, y, eps=eps, queries=400, p_init=0.8, keys=_keys(40), fused=fused))
     (xa, fa), (xb, fb) = outs
     assert torch.equal(fa, fb)
     assert torch.equal(xa, xb)
@@ -66,8 +71,8 @@ def test_fused_matches_pytorch_wide_batch_two_threads_float16():
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        outs = [sq._square(model, x, y, eps=eps, queries=300, p_init=0.8, generator=torch.Generator().manual_seed(3),
-                           fused=fused) for fused in (False, True)]
+        outs = [sq._square(model, x, y, eps=eps, queries=300, p_init=0.8, keys=_keys(150), fused=fused)
+                for fused in (False, True)]
     finally:
         torch.set_num_threads(n)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -94,9 +99,9 @@ def test_fused_true_without_the_ops_is_an_error(monkeypatch):
     model = _model(1, 8, torch.float32)
     x, y = _data(6, 1, 8, torch.float32, model)
     with pytest.raises(RuntimeError, match="fused=True needs"):
-        sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, generator=None, fused=True)
+        sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, keys=_keys(6), fused=True)
     # the default falls back to the PyTorch formulation
-    sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, generator=None)
+    sq._square(model, x, y, eps=0.1, queries=5, p_init=0.8, keys=_keys(6))
 
 
 def test_propose_writes_the_window_and_flips_a_wasted_proposal():
@@ -167,3 +172,62 @@ def test_ops_reject_bad_inputs():
     # an empty batch is fine
     assert propose(x[:0], x[:0], e[:0], v[:0], v[:0], 2, s[:0]).shape == (0, 1, 6, 6)
     assert accept(x[:0].clone(), m[:0], x[:0], torch.zeros(0, 4), v[:0]) == 0
+
+
+# ------------------------------------------------------------------- keyed draws
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_draws_op_matches_the_keyed_bits(dtype):
+    """square_draws_cpu computes _keys.bits / below / signs in C++, bit for bit, for any counter."""
+    keys = torch.cat([_keys(37), torch.tensor([0, -1, 2 ** 63 - 1, -(2 ** 63)])])
+    for counter, bounds, n_signs in ((1, [20, 21], 1), (4999, [5, 6, 7, 8, 2], 3), (0, [], 9), (7, [1], 0)):
+        ints, sg = draws(keys, counter, bounds, n_signs, dtype)
+        b = R.bits(keys, counter, len(bounds) + n_signs)
+        want = torch.stack([R.below(b[:, j], bd) for j, bd in enumerate(bounds)]) if bounds else \
+            torch.empty((0, keys.shape[0]), dtype=torch.int64)
+        assert torch.equal(ints, want), (counter, bounds)
+        assert sg.dtype == dtype and torch.equal(sg, R.signs(b[:, len(bounds):]).to(dtype))
+        if bounds:
+            assert all(int(ints[j].max()) < bd for j, bd in enumerate(bounds)) and int(ints.min()) >= 0
+
+
+def test_draws_are_spread_evenly():
+    """Uniform windows and fair signs: counts within 5 standard deviations of their expectations."""
+    ints, sg = draws(_keys(20000, seed=11), 17, [7], 1, torch.float32)
+    counts = torch.bincount(ints[0], minlength=7).double()
+    assert float((counts - 20000 / 7).abs().max()) < 5 * math.sqrt(20000 / 7)
+    assert abs(float(sg.sum())) < 5 * math.sqrt(20000)
+
+
+def test_keyed_bits_match_the_python_reference():
+    """The int64 tensor hash (wrapping products, emulated logical shifts) is splitmix64 mod 2^64."""
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randint(-(2 ** 63), 2 ** 63 - 1, (200,), generator=g, dtype=torch.int64)
+    unsigned = [v % (1 << 64) for v in raw.tolist()]
+    assert R.mix64(raw).tolist() == [R._signed(R.mix64_int(v)) for v in unsigned]
+    assert R.derive(raw, 12).tolist() == [R._signed(R.derive_int(v, 12)) for v in unsigned]
+    b = R.bits(raw[:9], 3, 4)
+    assert b.tolist() == [[R._signed(R.derive_int(v, 3, j)) for j in range(4)] for v in unsigned[:9]]
+
+
+def test_draws_op_rejects_bad_inputs():
+    k = _keys(4)
+    with pytest.raises(RuntimeError, match="int64"):
+        draws(k.int(), 1, [3], 1, torch.float32)
+    with pytest.raises(RuntimeError, match="counter must be"):
+        draws(k, -1, [3], 1, torch.float32)
+    with pytest.raises(RuntimeError, match="bound must be"):
+        draws(k, 1, [3, 0], 1, torch.float32)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        draws(k.view(2, 2).t().reshape(-1)[::1].as_strided((2,), (2,)), 1, [3], 1, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_fused_draws_match_pytorch_bit_for_bit(dtype):
+    model = _model(3, 12, dtype)
+    x, y = _data(40, 3, 12, dtype, model)
+    outs = [sq._square(model, x, y, eps=0.9, queries=300, p_init=0.8, keys=_keys(40), norm="l2", fused=fused)
+            for fused in (False, True)]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert 0 < int(outs[0][1].sum()) < 40
+    delta = (outs[0][0] - x).flatten(1).double().norm(dim=1)
+    assert bool((delta <= 0.9 * (1 + 1e-5)).all())

@@ -6,7 +6,7 @@ The model runs in eval mode during an attack; its modes are restored afterwards.
 """
 from ._common import RobustnessWarning, dlr_loss, dlr_targeted_loss, eval_mode
 from .apgd import apgd
-from .evaluate import SUITES, accuracy_vs_eps, evaluate, transfer
+from .evaluate import SUITES, SweepState, accuracy_vs_eps, evaluate, sweep, sweep_report, transfer
 from .fgsm_pgd import fgsm, pgd
 from .hsj import hop_skip_jump
 from .paper import paper_pgd
@@ -22,6 +22,9 @@ __all__ = [
     "transfer",
     "evaluate",
     "accuracy_vs_eps",
+    "sweep",
+    "sweep_report",
+    "SweepState",
     "SUITES",
     "dlr_loss",
     "dlr_targeted_loss",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.pgd_step import _budget as _op_budget
+from ..prototypes import _single_thread
 
 __all__ = [
     "RobustnessWarning",
@@ -37,6 +38,8 @@ __all__ = [
     "budget_view",
     "model_device",
     "make_generator",
+    "check_seed",
+    "check_index",
     "resolve_loss",
     "ce_loss",
     "dlr_loss",
@@ -44,6 +47,11 @@ __all__ = [
     "margin",
     "input_grad",
     "predict",
+    "StableRows",
+    "stable_rows",
+    "row_call",
+    "MIN_ROWS",
+    "THREADED_ROWS",
 ]
 
 Budget = Union[float, torch.Tensor]
@@ -240,6 +248,30 @@ def make_generator(seed, device) -> Optional[torch.Generator]:
     return g
 
 
+def check_seed(seed) -> int:
+    """An int seed; None draws one from torch's global RNG (so ``torch.manual_seed`` fixes it)."""
+    if seed is None:
+        return int(torch.randint(0, 2 ** 62, ()))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return seed
+
+
+def check_index(index, x) -> torch.Tensor:
+    """index: None (each row is its own index) or a 1-D integer tensor of length B, each row's
+    identity for the keyed random draws; returned as int64 on the CPU."""
+    n = x.shape[0]
+    if index is None:
+        return torch.arange(n)
+    if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool \
+            or index.is_complex() or index.shape != (n,):
+        got = f"{index.dtype} of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor) \
+            else type(index).__name__
+        raise ValueError(f"index must be a 1-D integer tensor of length B={n} (each point's index in the "
+                         f"dataset), got {got}")
+    return index.detach().to("cpu", torch.int64)
+
+
 # ------------------------------------------------------------------------- losses
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy on the logits (float32)."""
@@ -302,8 +334,10 @@ def input_grad(model, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: Callable):
 
     Only the input is differentiated (``torch.autograd.grad``), so parameter grads are
     neither computed into ``.grad`` nor accumulated. A model whose output does not
-    depend on its input (masked gradients) yields a zero gradient, not an error."""
-    with torch.enable_grad():
+    depend on its input (masked gradients) yields a zero gradient, not an error. A
+    ``StableRows`` model runs forward and backward under its thread rule."""
+    threads = model.threads(x_adv) if isinstance(model, StableRows) else contextlib.nullcontext()
+    with threads, torch.enable_grad():
         xr = x_adv.detach().requires_grad_(True)
         logits = model(xr)
         loss = loss_fn(logits, y)
@@ -325,3 +359,69 @@ def predict(model, x: torch.Tensor, *, batch_size: Optional[int] = None) -> torc
     if batch_size is None or x.shape[0] <= batch_size:
         return model(x).argmax(dim=1)
     return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)])
+
+
+# ------------------------------------------------------------- batch-invariant model calls
+#: On the CPU the engine calls the model on at least this many rows: MKL's sgemm computes a
+#: row differently below 8 rows (a matrix-vector path) than in a larger batch.
+MIN_ROWS = 8
+#: ... and single-threaded below this many rows: with 2 threads MKL splits 9-59 rows across the
+#: threads in a way that changes a row's last bits (measured on the 2-core AVX2 machine, MKL
+#: 2024.2; from 60 rows up 2 threads gave 1 thread's bits at every size tried, 60-420).
+THREADED_ROWS = 64
+
+
+def row_call(fn, x: torch.Tensor):
+    """``fn(x)`` with x padded to ``MIN_ROWS`` rows on the CPU (copies of its first row, dropped
+    from the output), so a row's output does not depend on how few rows share its batch."""
+    k = x.shape[0]
+    if k == 0 or k >= MIN_ROWS or x.device.type != "cpu":
+        return fn(x)
+    pad = x[:1].expand((MIN_ROWS - k,) + tuple(x.shape[1:]))
+    return fn(torch.cat([x, pad]))[:k]
+
+
+class StableRows:
+    """A model as the evaluation engine calls it: on the CPU, each row's logits (and input
+    gradient, through ``input_grad``) do not depend on which other rows share the batch, so a
+    point's attack gives the same bits whatever the batch size, the order of the points or the
+    shard. Batches are padded to ``MIN_ROWS`` rows and run single-threaded below
+    ``THREADED_ROWS`` rows (see those constants for the measurements behind them). The model's
+    own layers must compute each row independently, as every layer of a network in eval mode
+    does (BatchNorm uses its running statistics). On other devices it calls the model as it is:
+    cuBLAS and cuDNN may pick other kernels for other batch sizes, so there the bits (and a
+    point at the decision boundary) can depend on the batch.
+
+    Attribute reads fall through to the model (``decision``, ``net``, ``prototypes`` of a
+    ``ProtoClassifier``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def threads(self, x: torch.Tensor):
+        """A context: one thread while a batch of fewer than THREADED_ROWS rows runs on the CPU."""
+        return _single_thread(x.device.type == "cpu" and x.shape[0] < THREADED_ROWS)
+
+    def __call__(self, x: torch.Tensor):
+        with self.threads(x):
+            return row_call(self.model, x)
+
+    def rows(self, fn, x: torch.Tensor):
+        """Any row-wise function of the model (e.g. its network body), under the same rules."""
+        with self.threads(x):
+            return row_call(fn, x)
+
+
+def stable_rows(model):
+    """``model`` wrapped in ``StableRows`` (once)."""
+    return model if isinstance(model, StableRows) else StableRows(model)
+
+
+def unwrap(model):
+    """The module behind a ``StableRows`` wrapper and a ``torch.compile`` wrapper."""
+    if isinstance(model, StableRows):
+        model = model.model
+    return getattr(model, "_orig_mod", model)

@@ -2,9 +2,10 @@
 
 On a terminal, one tqdm bar per attack stage, over the stage's iterations (APGD steps of
 every run, Square queries, PGD steps), with the number of points still unbroken as its
-postfix. Elsewhere (a log file, CI), plain INFO lines on the ``drp_kernels.attacks``
-logger, at most one per quarter of a stage plus one when it ends. ``enabled=False``
-silences both.
+postfix and tqdm's own time estimate. Elsewhere (a log file, CI), plain INFO lines on the
+``drp_kernels.attacks`` logger, at most one per quarter of a stage plus one when it ends,
+each with the points left and an ETA. The iteration totals assume that no point breaks, so
+the ETA is an upper estimate that shrinks as points leave. ``enabled=False`` silences both.
 """
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ logger = logging.getLogger("drp_kernels.attacks")
 def _is_terminal() -> bool:
     stream = sys.stderr
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+def _fmt_seconds(t: float) -> str:
+    t = max(0.0, float(t))
+    if t < 60:
+        return f"{t:.0f} s"
+    if t < 3600:
+        return f"{int(t // 60)} min {int(t % 60):02d} s"
+    return f"{int(t // 3600)} h {int((t % 3600) // 60):02d} min"
 
 
 class StageProgress:
@@ -43,6 +53,13 @@ class StageProgress:
         else:
             logger.info("%s: %d points, %d iterations", desc, self.points, self.total)
 
+    def eta(self) -> str:
+        """The time the stage still needs at its pace so far ("?" before the first iteration)."""
+        if self.done == 0:
+            return "?"
+        elapsed = time.perf_counter() - self._t0
+        return _fmt_seconds(elapsed / self.done * (self.total - self.done))
+
     def update(self, n: int = 1, *, left=None) -> None:
         """``n`` more iterations done; ``left``: points still unbroken in the part being attacked
         (None: unchanged); ``offset`` is added to it."""
@@ -58,8 +75,8 @@ class StageProgress:
         elif self.done / self.total >= self._next_log and self.done < self.total:
             while self._next_log <= self.done / self.total:
                 self._next_log += 0.25
-            logger.info("%s: %d/%d iterations, %d/%d points left", self.desc, self.done, self.total,
-                        self.left, self.points)
+            logger.info("%s: %d/%d iterations, %d/%d points left, ETA %s", self.desc, self.done, self.total,
+                        self.left, self.points, self.eta())
 
     def close(self, *, left=None) -> None:
         if not self.enabled:
@@ -77,6 +94,13 @@ class StageProgress:
 
 class _NullProgress:
     enabled = False
+
+    def eta(self) -> str:
+        """The time the stage still needs at its pace so far ("?" before the first iteration)."""
+        if self.done == 0:
+            return "?"
+        elapsed = time.perf_counter() - self._t0
+        return _fmt_seconds(elapsed / self.done * (self.total - self.done))
 
     def update(self, n: int = 1, *, left=None) -> None:
         pass

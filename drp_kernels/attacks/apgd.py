@@ -15,15 +15,19 @@ Both the step and the projection go through ``drp_kernels.pgd_step_`` (the proje
 is a step with a zero gradient and step size 0). A point leaves the working batch as soon
 as it is misclassified (AutoAttack keeps iterating it until the run ends); the others
 iterate exactly as before.
+
+Randomness is keyed per point (``_keys.py``): run r of a point starts from the ball noise of
+``derive(key, r)``, whatever else shares its batch, so every point's trajectory, and with it
+whether it breaks, is a function of the point, its key and the model alone.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops.pgd_step import random_init
 from . import _common as C
+from . import _keys as R
 
-__all__ = ["apgd", "checkpoints", "n_runs"]
+__all__ = ["apgd", "checkpoints", "n_runs", "keyed_init"]
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -57,7 +61,15 @@ def _last_row(point, rows, n_points):
     return last.scatter_reduce(0, point[rows], r[rows], reduce="amax")
 
 
-def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, generator, aux=None, x_start=None, progress=None,
+def keyed_init(x, eps, norm, keys):
+    """``drp_kernels.random_init``'s uniform draw from the eps ball around each row of x (clipped to
+    [0, 1]), with each row's noise drawn from its own key (``_keys.ball_noise``)."""
+    noise, radius = R.ball_noise(keys, tuple(x.shape[1:]), norm, x.device)
+    eps_s, eps_t = C.step_budget(eps, x, round_down=True)
+    return torch.ops.drp.ball_init(x.detach(), noise, radius, eps_s, eps_t, norm, 0.0, 1.0)
+
+
+def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, keys, aux=None, x_start=None, progress=None,
               point=None, n_points=None, runs_per_row_block=1):
     """APGD runs on validated inputs (model in eval mode), one per row of x.
 
@@ -68,7 +80,8 @@ def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, generator, aux=None, x_
     rows stack (for progress only).
 
     loss_fn(logits, y, aux) -> per-row loss; aux is a per-row tensor (the targets of
-    dlr-t) or None. x_start: the starting points (default: a uniform draw from the ball).
+    dlr-t) or None. keys: (rows,) int64, each row's random-start key. x_start: the starting
+    points (default: a uniform draw from the ball).
     A point leaves the working batch once it is misclassified (per-point early exit), so
     broken points cost nothing further; the others follow exactly the same per-sample
     iteration as without the exit. Budgets are validated once, so the loop itself never
@@ -85,7 +98,7 @@ def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, generator, aux=None, x_
     eps_b = C.step_budget(eps, x, round_down=True)
     step = (2.0 * C.budget_vector(eps, n, x.device)).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if x_start is None:
-        x_adv = random_init(x, eps, norm=norm, generator=generator)
+        x_adv = keyed_init(x, eps, norm, keys)
     else:
         x_adv = x_start.detach().clone()
 
@@ -191,7 +204,7 @@ def n_runs(loss, restarts, n_target_classes) -> int:
     return restarts * (n_target_classes if loss == "dlr-t" else 1)
 
 
-def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, generator, clean_logits=None,
+def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, keys, clean_logits=None,
           x_start=None, progress=None, max_rows=None):
     """APGD on validated inputs (model in eval mode). Returns (x_adv, fooled).
 
@@ -199,8 +212,10 @@ def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, ge
     dlr-t) runs only on the samples not yet fooled. Runs are stacked into one batch of at
     most ``max_rows`` rows (default: len(x)), so that when few points remain, several of
     their targets or restarts run side by side instead of one after another; a point leaves
-    all its runs once one breaks it. x_start (optional) replaces the random start of the
-    first run. progress: a StageProgress over n_runs(...) * steps iterations."""
+    all its runs once one breaks it. Whether a point breaks does not depend on the stacking:
+    run j of a point starts from the key ``derive(keys[point], j)`` and iterates alone, and the
+    point breaks when any of its runs does. x_start (optional) replaces the random start of
+    the first run. progress: a StageProgress over n_runs(...) * steps iterations."""
     x = x.detach()
     if clean_logits is None:
         with torch.no_grad():
@@ -227,8 +242,10 @@ def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, ge
         aux = None if group[0] is None else torch.cat([_targets(clean_logits[idx], rank) for rank in group])
         e = C.subset_budget(eps, idx)
         start = x_start[idx] if (x_start is not None and k == 0) else None
+        kidx = keys[idx.cpu()]
+        run_keys = torch.cat([R.derive(kidx, k + j) for j in range(g)])
         x_run, f_run = _apgd_run(model, xs.repeat(rep), ys.repeat(g), eps=e.repeat(g) if isinstance(e, torch.Tensor)
-                                 else e, steps=steps, norm=norm, loss_fn=loss_fn, generator=generator, aux=aux,
+                                 else e, steps=steps, norm=norm, loss_fn=loss_fn, keys=run_keys, aux=aux,
                                  x_start=start, progress=progress,
                                  point=torch.arange(idx.numel(), device=x.device).repeat(g), n_points=idx.numel(),
                                  runs_per_row_block=g)
@@ -238,7 +255,8 @@ def _apgd(model, x, y, *, eps, steps, norm, loss, restarts, n_target_classes, ge
     return out, fooled
 
 
-def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_target_classes=9, seed=0):
+def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_target_classes=9, seed=0,
+         index=None):
     """Auto-PGD (Croce & Hein 2020), untargeted (loss "ce" or "dlr") or targeted ("dlr-t").
 
     Args:
@@ -251,7 +269,9 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_t
             among the n_target_classes runner-up classes of the clean logits (needs C >= 4
             and n_target_classes <= C - 1).
         restarts: random restarts (per target for dlr-t), each on the samples still unbroken.
-        seed: seeds the random starts (None: the global RNG).
+        seed: seeds the random starts (None: a seed drawn from torch's global RNG).
+        index: (B,) int64, each sample's identity for its random starts (default: its row);
+            a sample with the same index, seed and inputs gets the same result in any batch.
 
     Returns adversarial inputs: the first misclassified iterate found per sample, else the
     highest-loss point of the last run; samples misclassified at x are returned as x.
@@ -262,7 +282,7 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_t
     n_target_classes = C.check_positive_int(n_target_classes, name="n_target_classes")
     if not isinstance(loss, str) or loss not in C.LOSSES:
         raise ValueError(f"loss must be one of {C.LOSSES}, got {loss!r}")
-    gen = C.make_generator(seed, x.device)
+    keys = R.point_keys(C.check_seed(seed), C.check_index(index, x), R.PUBLIC_IDS["apgd"])
     if x.shape[0] == 0:
         return x.detach().clone()
     with C.eval_mode(model):
@@ -272,5 +292,5 @@ def apgd(model, x, y, *, eps, steps=100, norm="linf", loss="ce", restarts=1, n_t
         if loss == "dlr-t" and n_target_classes > c - 1:
             raise ValueError(f"n_target_classes must be <= C - 1 = {c - 1} for this model, got {n_target_classes}")
         x_adv, _ = _apgd(model, x, y, eps=eps, steps=steps, norm=norm, loss=loss, restarts=restarts,
-                         n_target_classes=n_target_classes, generator=gen, clean_logits=logits)
+                         n_target_classes=n_target_classes, keys=keys, clean_logits=logits)
     return x_adv

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from . import _common as C
+from . import _keys as R
 from .apgd import _apgd
 from .fgsm_pgd import fgsm
 from .paper import _paper_pgd
@@ -24,10 +25,6 @@ from .square import _square
 
 __all__ = [
     "FLAG_NAMES",
-    "SALT_CHANCE_PROBE",
-    "SALT_QUICK_SQUARE",
-    "SALT_MORE_ITERATIONS",
-    "seed_for",
     "model_checks",
     "eps_checks",
     "chance_check",
@@ -45,24 +42,15 @@ FLAG_NAMES = (
     "not at chance at large eps",
 )
 
-# Salts of seed_for: each check draws its random starts from its own stream, apart from the
-# suite's (whose salts are the batch and stage indices, small numbers).
-SALT_MORE_ITERATIONS = 55
-SALT_CHANCE_PROBE = 77
-SALT_QUICK_SQUARE = 99
-
 PROBE_STEPS = 20  # APGD iterations of the large-eps probe
 QUICK_SQUARE_QUERIES = 300  # Square's queries in the black-box check of suites without Square
 ITERATION_FACTOR = 4  # the "more iterations" check reruns the first attack with this many times the steps
 CHANCE_MARGIN = 0.05  # accuracy above chance + this at the large eps is flagged
 
 
-def seed_for(seed: int, *parts: int) -> int:
-    """A seed derived from ``seed`` and the salts ``parts`` (a simple polynomial hash)."""
-    h = seed & 0xFFFFFFFF
-    for p in parts:
-        h = (h * 1000003 + p + 1) & 0x7FFFFFFFFFFF
-    return h
+def _keys(seed, index, purpose, *parts):
+    """Each checked point's key for one check's draws (its own purpose id, apart from the suite's)."""
+    return R.point_keys(seed, index, R.STAGE_IDS[purpose], *parts)
 
 
 def in_ball(x_adv, x, eps, norm):
@@ -101,21 +89,24 @@ def model_checks(model, xs, ys):
     return flags
 
 
-def _first_attack(model, xs, ys, *, eps, norm, cfg, steps, seed, salt, clean_logits):
+def _first_attack(model, xs, ys, *, eps, norm, cfg, steps, keys, clean_logits):
     """The suite's first attack at ``steps`` iterations; returns the per-sample fooled mask."""
     if "paper_steps" in cfg:
         x_a, _ = _paper_pgd(model, xs, ys, eps=eps, steps=steps)
     else:
-        gen = C.make_generator(seed_for(seed, SALT_MORE_ITERATIONS, salt), xs.device)
         x_a, _ = _apgd(model, xs, ys, eps=eps, steps=steps, norm=norm, loss="ce", restarts=1, n_target_classes=1,
-                       generator=gen, clean_logits=clean_logits)
+                       keys=keys, clean_logits=clean_logits)
     return _fooled(model, x_a, xs, ys, eps, norm)
 
 
-def eps_checks(model, xs, ys, robust_s, *, eps, suite, cfg, norm, seed, square_broken, has_square):
+def eps_checks(model, xs, ys, robust_s, *, eps, suite, cfg, norm, seed, square_broken, has_square, index=None,
+               eps_key=0):
     """Per-eps checks on the subset (xs, ys); robust_s is the suite's per-sample result there.
 
-    square_broken: the number of points the suite's own Square stage broke (when it has one)."""
+    square_broken: the number of points the suite's own Square stage broke (when it has one).
+    index: the checked points' indices in the dataset (default: their rows), which key their
+    random draws together with ``seed`` and ``eps_key``."""
+    index = C.check_index(index, xs)
     flags = []
     # single-step vs iterative
     x_f = fgsm(model, xs, ys, eps=eps, norm=norm)
@@ -126,11 +117,12 @@ def eps_checks(model, xs, ys, robust_s, *, eps, suite, cfg, norm, seed, square_b
     # black-box vs white-box
     if has_square:
         bb = square_broken
-    elif norm == "linf" and xs.dim() == 4 and bool(robust_s.any()):
+    elif xs.dim() == 4 and bool(robust_s.any()):
         idx = robust_s.nonzero().squeeze(1)
-        gen = C.make_generator(seed_for(seed, SALT_QUICK_SQUARE), xs.device)
+        keys = _keys(seed, index[idx.cpu()], "check-quick-square", eps_key)
         es = C.subset_budget(eps, idx)
-        x_sq, _ = _square(model, xs[idx], ys[idx], eps=es, queries=QUICK_SQUARE_QUERIES, p_init=0.8, generator=gen)
+        x_sq, _ = _square(model, xs[idx], ys[idx], eps=es, queries=QUICK_SQUARE_QUERIES, p_init=0.8, keys=keys,
+                          norm=norm)
         bb = int(_fooled(model, x_sq, xs[idx], ys[idx], es, norm).sum())
     else:
         bb = 0
@@ -144,8 +136,8 @@ def eps_checks(model, xs, ys, robust_s, *, eps, suite, cfg, norm, seed, square_b
     steps = cfg["paper_steps"] if "paper_steps" in cfg else cfg["ce_steps"]
     accs = []
     for k, s in enumerate((steps, ITERATION_FACTOR * steps)):
-        fooled = _first_attack(model, xs, ys, eps=eps, norm=norm, cfg=cfg, steps=s, seed=seed, salt=k,
-                               clean_logits=logits)
+        fooled = _first_attack(model, xs, ys, eps=eps, norm=norm, cfg=cfg, steps=s, clean_logits=logits,
+                               keys=_keys(seed, index, "check-more-iterations", eps_key, k))
         accs.append(int((~fooled & correct).sum()))
     if accs[1] - accs[0] > max(2, 0.05 * xs.shape[0]):
         flags.append(f"more iterations recover accuracy: the first attack of the {suite} suite with "
@@ -164,7 +156,7 @@ def _chance(ys, n_classes):
     return max(float(freq.max()), 1.0 / n_classes)
 
 
-def _large_eps_probe(model, xs, ys, norm, seed):
+def _large_eps_probe(model, xs, ys, norm, seed, index):
     """Robust accuracy of the check subset at the large budget (APGD-CE then APGD-DLR/CE)."""
     e = _large_eps(norm, xs)
     with torch.no_grad():
@@ -175,25 +167,27 @@ def _large_eps_probe(model, xs, ys, norm, seed):
         idx = rb.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        gen = C.make_generator(seed_for(seed, SALT_CHANCE_PROBE, k), xs.device)
+        keys = _keys(seed, index[idx.cpu()], "check-chance-probe", k)
         x_adv, _ = _apgd(model, xs[idx], ys[idx], eps=e, steps=PROBE_STEPS, norm=norm, loss=loss, restarts=1,
-                         n_target_classes=1, generator=gen)
+                         n_target_classes=1, keys=keys)
         rb[idx[_fooled(model, x_adv, xs[idx], ys[idx], e, norm)]] = False
     return float(rb.float().mean()), e
 
 
-def chance_check(model, xs, ys, y_all, *, measured, norm, seed, n_classes):
+def chance_check(model, xs, ys, y_all, *, measured, norm, seed, n_classes, index=None):
     """The large-eps check, once per run: the measured robust accuracy at the largest eps
     when that eps reaches the large budget, else a probe on the check subset.
 
-    measured: [(eps, robust accuracy over all points)] of the run (floats only)."""
+    measured: [(eps, robust accuracy over all points)] of the run (floats only). index: the
+    checked points' indices in the dataset (default: their rows)."""
+    index = C.check_index(index, xs)
     big = _large_eps(norm, xs)
     floats = [(e, a) for e, a in measured if not isinstance(e, torch.Tensor)]
     top = max(floats, key=lambda ea: ea[0]) if floats else None
     if top is not None and top[0] >= big:
         acc, e, chance = top[1], top[0], _chance(y_all, n_classes)
     else:
-        acc, e = _large_eps_probe(model, xs, ys, norm, seed)
+        acc, e = _large_eps_probe(model, xs, ys, norm, seed, index)
         chance = _chance(ys, n_classes)
     if acc > chance + CHANCE_MARGIN:
         return [(f"not at chance at large eps: robust accuracy {acc:.3f} at eps {e:.4g} exceeds chance "

@@ -14,6 +14,8 @@ early stop, never higher than it. The prediction is the model's own decision rul
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import functional as Fn
@@ -28,7 +30,7 @@ PAPER_STEP_FRACTION = 0.25  # step = eps / 4
 def check_proto_classifier(model, what: str = "the paper's attack") -> ProtoClassifier:
     """The model itself, or a TypeError when it is not a ProtoClassifier (the attack needs
     its network output and prototypes, not only its logits)."""
-    inner = getattr(model, "_orig_mod", model)  # a torch.compile wrapper around a ProtoClassifier
+    inner = C.unwrap(model)  # the engine's StableRows and a torch.compile wrapper around a ProtoClassifier
     if not isinstance(inner, ProtoClassifier):
         raise TypeError(f"{what} ascends a prototype network's own distance loss, so model must be a "
                         f"drp_kernels.ProtoClassifier, got {type(inner).__name__}")
@@ -43,10 +45,12 @@ def _head(model, z):
 
 
 def _logits_loss_grad(model, x_adv, y):
-    """(logits, distance to P[y], d distance / d x_adv) from ONE forward and backward pass."""
-    with torch.enable_grad():
+    """(logits, distance to P[y], d distance / d x_adv) from ONE forward and backward pass (the
+    network padded to ``MIN_ROWS`` rows, and under a ``StableRows`` model's thread rule)."""
+    threads = model.threads(x_adv) if isinstance(model, C.StableRows) else contextlib.nullcontext()
+    with threads, torch.enable_grad():
         xr = x_adv.detach().requires_grad_(True)
-        z = model.net(xr)
+        z = C.row_call(model.net, xr)
         dist = Fn.proto_loss(z, model.prototypes, y, metric=model.metric, reduction="none")
         (grad,) = torch.autograd.grad(dist.sum(), xr, allow_unused=True)
         with torch.no_grad():
@@ -72,7 +76,7 @@ def _paper_pgd(model, x, y, *, eps, steps, x_start=None, progress=None):
         if progress is not None:
             progress.update(1)
     with torch.no_grad():
-        fooled = _head(model, model.net(x_adv)).argmax(dim=1) != y
+        fooled = _head(model, C.row_call(model.net, x_adv)).argmax(dim=1) != y
     if progress is not None:
         progress.update(0, left=int((~fooled).sum()))
     return x_adv, fooled
