@@ -21,7 +21,7 @@ from _helpers import assert_png
 FMNIST = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the dataset-fashion-mnist package")
 
-RESULT_KEYS = {"eps", "robust_accuracy", "per_attack", "flags"}
+RESULT_KEYS = {"eps", "robust_accuracy", "robust", "n", "per_attack", "per_attack_counts", "flags"}
 
 
 def run_cli(argv, capsys):
@@ -58,14 +58,16 @@ def check_eval_schema(doc, eps, n):
         assert set(r) == RESULT_KEYS
         assert isinstance(r["eps"], float) and isinstance(r["robust_accuracy"], float)
         assert isinstance(r["per_attack"], dict) and r["per_attack"]
+        # every accuracy is its count over n, in float64 (no float32 artefacts)
+        assert r["n"] == n and r["robust_accuracy"] == r["robust"] / n
+        assert r["per_attack"] == {k: c / n for k, c in r["per_attack_counts"].items()}
         assert isinstance(r["flags"], list) and all(isinstance(f, str) for f in r["flags"])
-        # robust = survived every attack, so it is at most each attack's accuracy and the clean one
-        # (1e-6: the accuracies are counts / n, some computed in float32)
-        assert r["robust_accuracy"] <= doc["clean_accuracy"] + 1e-6
-        for name, acc in r["per_attack"].items():
-            assert 0 <= acc <= 1, name
-            assert r["robust_accuracy"] <= acc + 1e-6, name
-    assert doc["n"] == n
+        # robust = survived every attack, so it is at most each attack's count and the clean one
+        assert r["robust"] <= doc["clean"]
+        for name, count in r["per_attack_counts"].items():
+            assert 0 <= count <= n, name
+            assert r["robust"] <= count, name
+    assert doc["n"] == n and doc["clean_accuracy"] == doc["clean"] / n
 
 
 @pytest.mark.slow
@@ -77,13 +79,15 @@ def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
     assert code == 0, err
     doc = json.loads(js.read_text())
     check_eval_schema(doc, [0.0, 0.05, 0.5], 40)
+    assert doc["norm"] == "linf" and doc["world_size"] == 1
+    assert doc["points"] == {"suite": {"first": 0, "count": 40}}
     # the clean accuracy is the checkpoint's own accuracy on the first 40 test points
     model = load_classifier(info["checkpoint"])
     assert isinstance(model, drp_kernels.ProtoClassifier)
     assert doc["clean_accuracy"] == pytest.approx(clean_accuracy(model, 40), abs=1e-6)
     assert doc["clean_accuracy"] > 0.3  # it learned something, so the checks below mean something
     # at eps 0 nothing can move: robust accuracy is the clean accuracy
-    assert doc["results"][0]["robust_accuracy"] == pytest.approx(doc["clean_accuracy"], abs=1e-6)
+    assert doc["results"][0]["robust"] == doc["clean"]
     # eps 0.5 on [0, 1] images leaves an undefended model at chance or below
     assert doc["results"][2]["robust_accuracy"] <= 0.25
     # no absolute path of this machine: relative to the working directory, else <run folder>/<file>
@@ -116,7 +120,7 @@ def _misuse_cases(run_dir, tmp):
     ok = ["--checkpoint", str(run_dir)]
     return {
         "negative eps": ok + ["--eps", "-0.1", "--limit", "4"] + base,
-        "limit zero": ok + ["--eps", "0.1", "--limit", "0"] + base,
+        "negative limit": ok + ["--eps", "0.1", "--limit", "-1"] + base,
         "missing checkpoint": ["--checkpoint", str(tmp / "nope"), "--eps", "0.1", "--limit", "4"] + base,
         "prototypes file": ["--checkpoint", str(protos), "--eps", "0.1", "--limit", "4"] + base,
         "random bytes": ["--checkpoint", str(junk), "--eps", "0.1", "--limit", "4"] + base,
@@ -126,7 +130,7 @@ def _misuse_cases(run_dir, tmp):
     }
 
 
-@pytest.mark.parametrize("case", ["negative eps", "limit zero", "missing checkpoint", "prototypes file",
+@pytest.mark.parametrize("case", ["negative eps", "negative limit", "missing checkpoint", "prototypes file",
                                   "random bytes", "folder without checkpoint", "json in missing folder"])
 def test_eval_misuse_is_one_line_exit_2(drp_run, tmp_path, capsys, case):
     run_dir, _ = drp_run

@@ -24,12 +24,21 @@ __all__ = ["main", "build_parser", "CLIError"]
 log = logging.getLogger("drp_train")
 
 
+def _is_rank_zero() -> bool:
+    """False in the processes of ranks 1, 2, ... when started by torchrun with several processes."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line: ``drp <sub>: error: <message>``."""
 
     def error(self, message):
         message = " ".join(str(message).split())
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # under torchrun every rank parses the same command line: only rank 0 reports the error
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n" if _is_rank_zero() else None)
 
 
 _PROTO_METHOD_HELP = (
@@ -156,9 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lazy_parser(sub, "eval", "evaluation", "add_eval_arguments", "run_eval",
                      "evaluate a checkpoint under the attack suite over a list of eps",
                      "Evaluate a checkpoint written by `drp train`: clean accuracy, then robust accuracy under "
-                     "the attack suites (--suite, e.g. `paper standard` side by side) at each L-inf eps, on the "
-                     "first --limit test points. Prints the table; --json writes the report and --plot an "
-                     "accuracy-vs-eps plot.")
+                     "the attack suites (--suite, e.g. `paper standard` side by side) at each eps (--norm linf or "
+                     "l2), on the first --limit test points, and for certifiable checkpoints the certified "
+                     "accuracy. Prints the table; --json writes the report and --plot an accuracy-vs-eps plot. "
+                     "Each point's result depends on the point, eps, suite and seed alone, not on --batch-size. "
+                     "Started by `torchrun --nproc-per-node N -m drp_train eval ...`, the processes split the "
+                     "points and rank 0 writes the same report. With --json, Ctrl-C keeps the partial results "
+                     "beside it and --resume continues.")
     _add_lazy_parser(sub, "plot", "evaluation", "add_plot_arguments", "run_plot",
                      "plot several `drp eval` reports together",
                      "Draw the accuracy-vs-eps curves of several `drp eval --json` reports in one plot, with "
@@ -317,11 +330,14 @@ def main(argv=None) -> int:
         # the evaluation's flags are printed once, in its result table and report
         warnings.filterwarnings("ignore", category=RobustnessWarning)
         warnings.showwarning = _show_warning  # restored by catch_warnings
+        if hasattr(args, "_argv"):  # `drp eval` names the command that continues an interrupted run
+            args._argv = list(sys.argv[1:] if argv is None else argv)
         try:
             return int(args.run(args) or 0)
         except DrpTrainError as e:
-            msg = " ".join(str(e).split())
-            print(f"drp: error: {msg}", file=sys.stderr)
+            if not getattr(e, "silent", False):  # e.g. rank 1, 2, ... of a torchrun evaluation
+                msg = " ".join(str(e).split())
+                print(f"drp: error: {msg}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
             print("drp: interrupted", file=sys.stderr)

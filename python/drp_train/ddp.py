@@ -2,15 +2,19 @@
 
 ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With
 WORLD_SIZE > 1 the process group uses gloo on CPU and nccl on CUDA. Each rank trains on
-its shard of every global batch (``shard``); only rank 0 writes files.
+its shard of every global batch (``shard``); only rank 0 writes files. ``drp eval`` splits
+the points over the ranks the same way and gathers their results on rank 0
+(``gather_objects``, ``first_message``, ``barrier``).
 """
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "cleanup", "shard", "all_reduce_sum", "broadcast_flag"]
+__all__ = ["DistInfo", "setup", "cleanup", "shard", "all_reduce_sum", "broadcast_flag", "gather_objects",
+           "first_message", "barrier", "launched_world_size"]
 
 
 @dataclass
@@ -40,8 +44,16 @@ def _env_int(name, default):
         raise RuntimeError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def setup(device_type: str) -> DistInfo:
-    """Join the process group when started by torchrun with more than one process."""
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun set it (1 when not started by torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def setup(device_type: str, *, timeout=None) -> DistInfo:
+    """Join the process group when started by torchrun with more than one process.
+
+    timeout: how long a collective waits for the other ranks (a ``datetime.timedelta``; default
+    torch's 30 minutes). ``drp eval`` waits for the slowest shard at its gather, so it asks for more."""
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
@@ -53,7 +65,8 @@ def setup(device_type: str) -> DistInfo:
                         backend=dist.get_backend(), owns_group=False)
     if device_type == "cuda":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend, owns_group=True)
 
 
@@ -82,3 +95,28 @@ def broadcast_flag(flag: bool, info: DistInfo, *, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (``[obj]`` in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_message(message, info: DistInfo):
+    """The first rank's non-None ``message`` (rank order), the same on every rank; None if none has one.
+
+    Lets every rank stop together when any of them met an error, reported once by rank 0."""
+    return next((m for m in gather_objects(message, info) if m is not None), None)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+#: How long ``drp eval``'s ranks wait for each other (the fastest shard waits for the slowest).
+EVAL_TIMEOUT = datetime.timedelta(hours=48)

@@ -78,13 +78,14 @@ def _check_curve(name, curve):
 
 def _plot_series(ax, pts, *, label, color, linestyle, marker, count):
     """One accuracy-vs-eps line (fractions -> percent), with 95% Wilson intervals when ``count``
-    points were evaluated; returns whether intervals were drawn."""
+    points were evaluated (a number, or one per point); returns whether intervals were drawn."""
     eps = [e for e, _ in pts]
     acc = [100.0 * a for _, a in pts]
     ax.plot(eps, acc, marker=marker, linestyle=linestyle, color=color, label=label)
-    if not count:
+    counts = list(count) if isinstance(count, (list, tuple)) else [count] * len(pts)
+    if not all(counts):
         return False
-    lo, hi = zip(*(wilson_interval(a, int(count)) for _, a in pts))
+    lo, hi = zip(*(wilson_interval(a, int(c)) for (_, a), c in zip(pts, counts)))
     ax.fill_between(eps, [100.0 * v for v in lo], [100.0 * v for v in hi], color=color, alpha=0.15, linewidth=0)
     ax.errorbar(eps, acc, yerr=[[max(a - 100.0 * v, 0.0) for a, v in zip(acc, lo)],
                                 [max(100.0 * v - a, 0.0) for a, v in zip(acc, hi)]],
@@ -92,7 +93,10 @@ def _plot_series(ax, pts, *, label, color, linestyle, marker, count):
     return True
 
 
-def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps", n=None):
+_NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
+
+
+def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf eps", n=None, norm="linf"):
     """Plot robust accuracy against eps for every model in `curves`.
 
     `curves` maps a model name to an `accuracy_vs_eps` result
@@ -101,11 +105,14 @@ def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf e
     dashed line of the certified accuracy in the same colour.
     The clean accuracy is drawn at eps 0. Accuracies are fractions in [0, 1] and
     are shown in percent. With the number of evaluated points (`n`, or a curve's own
-    "n") every point gets its 95% Wilson interval. The eps axis is labelled both as a
+    "n"; a result's "certified_n" for its certified accuracy) every point gets its 95% Wilson
+    interval. `norm` ("linf" or "l2") names the eps axis; an L-inf axis is labelled both as a
     fraction of the [0, 1] input range (bottom) and in /255 pixel steps (top).
     """
     if not curves:
         raise ValueError("curves: expected at least one model, got none")
+    if norm not in _NORM_LABELS:
+        raise ValueError(f"norm: expected 'linf' or 'l2', got {norm!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n: expected a number of evaluated points >= 1, got {n!r}")
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
@@ -119,16 +126,21 @@ def plot_accuracy_vs_eps(curves, path, *, title="Robust accuracy against L-inf e
             series = [("robust_accuracy", f"{name}: robust (attacked)", "-", "o"),
                       ("certified_accuracy", f"{name}: certified", "--", "D")]
         for key, label, style, marker in series:
-            pts = sorted((float(r["eps"]), float(r[key])) for r in curve["results"] if key in r)
+            nkey = "certified_n" if key == "certified_accuracy" else "n"
+            rows = sorted((float(r["eps"]), float(r[key]), r.get(nkey, count)) for r in curve["results"] if key in r)
+            pts = [(e, a) for e, a, _ in rows]
+            counts = [c for _, _, c in rows]
             if curve.get("clean_accuracy") is not None and not any(e == 0.0 for e, _ in pts):
                 pts.insert(0, (0.0, float(curve["clean_accuracy"])))
-            with_ci |= _plot_series(ax, pts, label=label, color=color, linestyle=style, marker=marker, count=count)
-    ax.set_xlabel("L-inf eps (inputs in [0, 1])")
+                counts.insert(0, count)
+            with_ci |= _plot_series(ax, pts, label=label, color=color, linestyle=style, marker=marker, count=counts)
+    ax.set_xlabel(f"{_NORM_LABELS[norm]} eps (inputs in [0, 1])")
     ax.set_ylabel("accuracy (%)" + (", 95% Wilson interval" if with_ci else ""))
     ax.set_ylim(-2, 102)
     ax.grid(True, alpha=0.3)
-    top = ax.secondary_xaxis("top", functions=(lambda e: e * 255.0, lambda k: k / 255.0))
-    top.set_xlabel("eps in /255 pixel steps")
+    if norm == "linf":
+        top = ax.secondary_xaxis("top", functions=(lambda e: e * 255.0, lambda k: k / 255.0))
+        top.set_xlabel("eps in /255 pixel steps")
     ax.set_title(title)
     ax.legend()
     return save_figure(fig, path)
