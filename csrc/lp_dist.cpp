@@ -2,39 +2,57 @@
 // on the CPU, forward and fused backward, for p in [1, inf].
 //
 // Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in pgd_step.cpp).
-//   lp_dist_cpu_forward(x, w, p) -> (out, idx)     idx: (B, N) first arg-max k for p = inf, else (0,)
-//   lp_dist_cpu_backward(grad, x, w, out, idx, p, need_x, need_w) -> (grad_x, grad_w)
+//   lp_dist_cpu_forward(x, w, p, stats) -> (out, idx, inv, r)
+//     idx: (B, N) first arg-max k for p = inf with stats, else (0, 0)
+//     inv, r: (B, N) for finite p > 1 with stats, else (0, 0): what the backward needs (below)
+//   lp_dist_cpu_backward(grad, x, w, out, idx, inv, r, p, need_x, need_w) -> (grad_x, grad_w)
 // The autograd wiring and the Triton (CUDA) path live in drp_kernels/ops/lp_dist.py.
 //
-// Arithmetic: float32 for float32/float16/bfloat16 inputs, float64 when either input is
-// float64. Finite p is computed in two passes per tile, as an online softmax is scaled:
-// m = max_k |d_k|, then out = m * (sum_k (|d_k| / m)^p)^(1/p), so p = 1000 neither
-// overflows nor underflows (p = 1 needs no scaling and runs one pass). Integer powers are
-// repeated multiplications; a non-integer p uses a vector exp2(p * log2 t) in float (polynomials,
-// ~1e-7 relative) and std::pow lane by lane in double. Terms that would go denormal (below 2^-100
-// of the largest, 2^-900 in double) are flushed to 0: x86 multiplies denormals ~100x slower.
-// The backward weight is (|d| / out)^(p - 1) for p <= 16; above, 1 / out would carry out's
-// rounding error amplified p - 1 times, so each pair's max and scaled sum are recomputed.
+// Arithmetic: float32 for float32/float16/bfloat16 inputs, float64 when either input is float64.
+// Finite p > 1 runs one of two schemes, chosen per call:
+//   * pre-scaled, one pass (p <= kSinglePassMaxP): x and w are copied scaled by one power of two
+//     2^-e (exact), chosen so every |d| <= 1; then out = 2^e (sum_k |d'_k|^p)^(1/p) needs no
+//     per-pair maximum and no per-element scaling. A tile where some pair's sum falls below 2^-60
+//     (its distance is tiny next to the largest input, so terms could be lost to underflow) is
+//     redone with the second scheme.
+//   * two passes, as an online softmax is scaled: m = max_k |d_k|, then out = m (sum_k (|d_k| / m)^p)^(1/p),
+//     so p = 1e6 neither overflows nor underflows.
+// Integer powers are square-and-multiply over a whole register tile; a non-integer p uses a vector
+// exp2(p log2 t) in float (polynomials, ~1e-7 relative) and std::pow lane by lane in double. The
+// root s^(1/p) is computed in double vectors (lp_dist_kernels.h, dpow_pos). Every worker runs with
+// FTZ/DAZ set (FlushDenormals) and restores the caller's MXCSR: a term that leaves the normal range
+// is below 2^-66 of the sum and becomes 0 at no cost.
 //
-// Blocking (a GEMM's): the forward copies w once, transposed and zero-padded, to wT (D, Np),
-// and x to a padded (Bp, D) buffer of the compute dtype (documented copies, O((B + N) D)).
-// A task owns MB rows of x times one panel of NV * lanes columns of wT; inside, a micro-kernel
-// keeps an RB x (NV * lanes) accumulator tile in registers while it walks k, reusing every
-// loaded w vector for RB rows. The backward works on padded row-major copies and splits the
-// rows of x into one chunk per thread: each chunk owns its rows of grad_x and writes its own
-// partial grad_w (N x D), summed at the end, so no B x N x D buffer and no atomics exist.
-// p = inf needs no recomputation: the saved arg-max index turns the backward into a
-// scatter-add of sign(d) * grad at one coordinate per (b, n).
+// The backward needs one pass: the forward saves, per pair, the scale inv it used (1 / m, or 1 in
+// the pre-scaled scheme) and r = s^((1 - p) / p), so the weight of coordinate k is
+// c * sign(d_k) |d_k * inv|^(p - 1) with c = grad * r, bit for bit the scaling the forward used.
+// p = inf saves the arg-max index instead: the backward is a scatter-add of sign(d) * grad.
+// p = 1 needs nothing: the weight is sign(d).
 //
-// SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline SSE2)
-// and the widest copy the CPU supports runs; DRP_CPU_ISA=avx512|avx2|generic forces one.
+// Non-finite input: a pair with a NaN has distance NaN, else a pair with an infinite coordinate has
+// distance inf. Finite p: every coordinate of such a pair's rows gets a NaN gradient (the formula
+// is undefined there). p = inf: the gradient sits at the first arg-max, where NaN counts as the
+// largest value, so it is NaN for a NaN pair and sign(d) * grad for an infinite one.
+//
+// Blocking (a GEMM's): the forward copies w once, transposed and zero-padded, to wT (D, Np), and x
+// to a padded (Bp, D) buffer of the compute dtype (documented copies, O((B + N) D)). A task owns MB
+// rows of x times one panel of NV * lanes columns of wT; inside, micro-kernels keep an R x (NV *
+// lanes) accumulator tile in registers while they walk k, reusing every loaded w vector for R
+// rows. The backward works on padded row-major copies and splits the rows of x into one chunk per
+// thread: each chunk owns its rows of grad_x and writes its own partial grad_w (N x D), summed at
+// the end, so no B x N x D buffer and no atomics exist.
+//
+// Above p = 32 a sparse scheme runs instead (lp_dist_kernels.h, fwd_sparse_sum / bwd_sparse): only the
+// terms above 2^-40 of the pair's largest (DRP_LP_DIST_SKIP_BITS, 0 = all of them), in double.
+//
+// SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline) and the
+// widest copy the CPU supports runs; DRP_CPU_ISA=avx512|avx2|generic forces one. GCC and Clang
+// build all three on x86-64; other targets build the portable vector-extension copy.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
-// The AVX-512 / AVX2 copies need GCC's target pragmas and x86; elsewhere only the baseline copy
-// (GCC / Clang vector extensions) is built.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LPD_X86_COPIES 1
 #include <immintrin.h>
 #endif
@@ -47,76 +65,267 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace drp {
 namespace lpd {
 
 using at::Tensor;
 
-enum PowMode { kPow1 = 1, kPow2 = 2, kPow7 = 7, kPow8 = 8, kPowInt = -1, kPowReal = -2 };
+// Power modes of the micro-kernels (an exponent >= 1 is a compile-time integer exponent).
+enum PowMode { kPowInt = -1, kPowReal = -2 };
 
-// The power plan of a finite p: p itself in the forward sum, p - 1 in the backward weight.
-struct PowPlan {
-  int fwd_mode;
-  int bwd_mode;
-  bool sign_only;  // p = 1: the backward weight is sign(d)
-  int e_fwd, e_bwd;
+// How the forward computes a call (make_plan).
+enum Kind { kInf = 0, kOne = 1, kSingle = 2, kTwoPass = 3 };
+// The forward's power of p: fixed 2 or 8, a run-time integer (even: no abs needed), or real.
+enum FwdPow { kFwd2 = 0, kFwd8 = 1, kFwdIntEven = 2, kFwdIntOdd = 3, kFwdReal = 4 };
+// The backward's power of p - 1.
+enum BwdPow { kBwdSign = 0, kBwd1 = 1, kBwd7 = 2, kBwdIntOdd = 3, kBwdIntEven = 4, kBwdReal = 5 };
+
+struct Plan {
+  double p;
+  int kind;
+  int fwd_pow, bwd_pow;
+  unsigned e;      // p as an integer (integer p only)
+  double scale;    // S: the copies hold x / S and w / S, out = S * their distance
+  bool stats;      // the forward saves idx (p = inf) or inv / r (finite p > 1)
+  bool sparse;     // large p: only the terms above thr * max, in double (lp_dist_kernels.h)
+  bool integer;    // p is an integer <= 1e6
+  double thr;      // 2^(-40 / (p - 1)): the sparse scheme's threshold relative to the pair's max
+};
+
+// Pairs whose pre-scaled sum is below this are redone with two passes.
+constexpr double kSingleMinSum = 0x1p-60;
+
+// The flush-to-zero / denormals-are-zero mode for one worker, restoring the caller's MXCSR.
+struct FlushDenormals {
+#ifdef LPD_X86_COPIES
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
 };
 
 #ifdef LPD_X86_COPIES
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#endif
 #define LPD_NS avx512
 #define LPD_VB 64
+#define LPD_ISA 512
 #define LPD_RB 4
+#define LPD_RBI 4
+#define LPD_RBS 4
 #define LPD_NV 2
 #define LPD_BRB 4
 #define LPD_BRN 4
 #include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 #define LPD_NS avx2
 #define LPD_VB 32
-#define LPD_RB 2
+#define LPD_ISA 256
+#define LPD_RB 4
+#define LPD_RBI 2
+#define LPD_RBS 2
 #define LPD_NV 2
 #define LPD_BRB 2
 #define LPD_BRN 4
 #include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif  // LPD_X86_COPIES
 
 #define LPD_NS generic
 #define LPD_VB 16
-#define LPD_RB 2
+#ifdef LPD_X86_COPIES
+#define LPD_ISA 128
+#else
+#define LPD_ISA 0
+#endif
+#define LPD_RB 4
+#define LPD_RBI 2
+#define LPD_RBS 2
 #define LPD_NV 2
 #define LPD_BRB 2
 #define LPD_BRN 4
 #include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
+
+// ------------------------------------------------------------------ one copy's entry points
+// These templates are instantiated inside each copy's namespace through the macro below, so
+// they inline that copy's micro-kernels.
+#define LPD_ENTRIES(NS)                                                                                         \
+  namespace NS {                                                                                                \
+  template <typename T, int R, bool SCALED>                                                                     \
+  static void pow_sum(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D,             \
+                      const T* inv, T* s) {                                                                     \
+    const T q = static_cast<T>(pl.p);                                                                           \
+    switch (pl.fwd_pow) {                                                                                       \
+      case kFwd2: fwd_pow_sum<T, R, 2, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 2, q); break;                  \
+      case kFwd8: fwd_pow_sum<T, R, 8, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 8, q); break;                  \
+      case kFwdIntEven: fwd_pow_sum<T, R, kPowInt, SCALED, false>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;   \
+      case kFwdIntOdd: fwd_pow_sum<T, R, kPowInt, SCALED, true>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;     \
+      default: fwd_pow_sum<T, R, kPowReal, SCALED, true>(x, ldx, wT, ldw, D, inv, s, 0, q); break;               \
+    }                                                                                                           \
+  }                                                                                                             \
+  /* One RT x (NV * L) tile: out/idx/inv/r are RT x NB row-major; rows/cols: the valid part. */               \
+  template <typename T>                                                                                         \
+  static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, int rows,  \
+                       int cols, T* out, int64_t* idx, T* inv, T* r, uint32_t* scratch) {                       \
+    constexpr int NB = NV * Vec<T>::L;                                                                          \
+    constexpr int RT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI);                              \
+    static_assert(RT % RB == 0 && RT % RBI == 0 && RT % RBS == 0, "row tiles must nest");                       \
+    if (pl.kind == kInf) {                                                                                      \
+      if (pl.stats) {                                                                                           \
+        for (int rr = 0; rr < RT; rr += RBI)                                                                    \
+          fwd_max<T, RBI, true>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, idx + rr * NB);                   \
+      } else {                                                                                                  \
+        for (int rr = 0; rr < RT; rr += RB)                                                                     \
+          fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, nullptr);                         \
+      }                                                                                                         \
+      return;                                                                                                   \
+    }                                                                                                           \
+    if (pl.kind == kOne) {                                                                                      \
+      for (int rr = 0; rr < RT; rr += RBS)                                                                      \
+        fwd_pow_sum<T, RBS, 1, false, true>(x + rr * ldx, ldx, wT, ldw, D, nullptr, out + rr * NB, 1, T(1));    \
+      return;                                                                                                   \
+    }                                                                                                           \
+    alignas(64) T s[RT * NB];                                                                                   \
+    const T sc = static_cast<T>(pl.scale);                                                                      \
+    if (pl.kind == kSingle) {                                                                                   \
+      for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, false>(pl, x + rr * ldx, ldx, wT, ldw, D, nullptr,   \
+                                                                  s + rr * NB);                                 \
+      bool ok = true;                                                                                           \
+      for (int i = 0; i < rows; ++i)                                                                            \
+        for (int j = 0; j < cols; ++j) ok &= s[i * NB + j] >= T(kSingleMinSum);                                \
+      if (ok) {                                                                                                 \
+        finish_tile<T, false>(RT * NB, pl.p, sc, nullptr, s, out, inv, r);                                      \
+        return;                                                                                                 \
+      }                                                                                                         \
+    }                                                                                                           \
+    alignas(64) T m[RT * NB];                                                                                   \
+    alignas(64) T iv[RT * NB];                                                                                  \
+    for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, m + rr * NB, nullptr); \
+    const T big = std::numeric_limits<T>::infinity();                                                           \
+    for (int i = 0; i < RT * NB; ++i) iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);                 \
+    if (pl.sparse) {                                                                                            \
+      alignas(64) T th[RT * NB];                                                                                \
+      alignas(64) double sd[RT * NB];                                                                           \
+      for (int i = 0; i < RT * NB; ++i) th[i] = m[i] * static_cast<T>(pl.thr);                                  \
+      for (int rr = 0; rr < RT; rr += RBS)                                                                      \
+        fwd_sparse_sum<T, RBS>(x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, th + rr * NB, sd + rr * NB, pl.e,   \
+                               pl.p, pl.integer, scratch);                                                      \
+      finish_sparse<T>(RT * NB, pl.p, sc, m, iv, sd, out, inv, r);                                              \
+      return;                                                                                                   \
+    }                                                                                                           \
+    for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, \
+                                                               s + rr * NB);                                    \
+    finish_tile<T, true>(RT * NB, pl.p, sc, m, s, out, inv, r);                                                 \
+  }                                                                                                             \
+  template <typename T>                                                                                         \
+  static void bwd(const Plan& pl, const T* x, const T* w, const T* cT, const T* iT, const T* tT, int64_t b0,     \
+                  int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, T* gx, T* gw, uint32_t* scratch) {            \
+    const T q = static_cast<T>(pl.p - 1.0);                                                                     \
+    const unsigned e1 = pl.e > 0 ? pl.e - 1 : 0;                                                                \
+    if (pl.sparse) {                                                                                            \
+      bwd_sparse<T>(x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, e1, pl.p - 1.0, pl.integer, scratch);        \
+      return;                                                                                                   \
+    }                                                                                                           \
+    switch (pl.bwd_pow) {                                                                                       \
+      case kBwdSign: bwd_rows<T, 1, true, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;         \
+      case kBwd1: bwd_rows<T, 1, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 1, q); break;           \
+      case kBwd7: bwd_rows<T, 7, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 7, q); break;           \
+      case kBwdIntOdd: bwd_rows<T, kPowInt, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break; \
+      case kBwdIntEven: bwd_rows<T, kPowInt, false, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break; \
+      default: bwd_rows<T, kPowReal, false, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;      \
+    }                                                                                                           \
+  }                                                                                                             \
+  constexpr int kRT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI);                               \
+  /* non-template entries, instantiated inside this copy's target region */                                   \
+  static void fwd_f32(const Plan& pl, const float* x, int64_t ldx, const float* wT, int64_t ldw, int64_t D,     \
+                      int rows, int cols, float* out, int64_t* idx, float* inv, float* r, uint32_t* sc) {       \
+    fwd_tile<float>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);                                  \
+  }                                                                                                             \
+  static void fwd_f64(const Plan& pl, const double* x, int64_t ldx, const double* wT, int64_t ldw, int64_t D,   \
+                      int rows, int cols, double* out, int64_t* idx, double* inv, double* r, uint32_t* sc) {    \
+    fwd_tile<double>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);                                 \
+  }                                                                                                             \
+  static void bwd_f32(const Plan& pl, const float* x, const float* w, const float* cT, const float* iT,         \
+                      const float* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, float* gx,   \
+                      float* gw, uint32_t* sc) {                                                                \
+    bwd<float>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);                                           \
+  }                                                                                                             \
+  static void bwd_f64(const Plan& pl, const double* x, const double* w, const double* cT, const double* iT,     \
+                      const double* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, double* gx, \
+                      double* gw, uint32_t* sc) {                                                               \
+    bwd<double>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);                                          \
+  }                                                                                                             \
+  }  // namespace NS
+
+#ifdef LPD_X86_COPIES
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#endif
+LPD_ENTRIES(avx512)
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+LPD_ENTRIES(avx2)
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+LPD_ENTRIES(generic)
 
 namespace {
 
 // Work (element operations) below which an op runs on the calling thread only.
 constexpr int64_t kSerialWork = int64_t(1) << 20;
-// Above this p the backward recomputes each pair's max and scaled sum instead of using 1 / out.
-constexpr double kRecomputeP = 16.0;
+// The pre-scaled one-pass scheme is used up to this p (see the file comment).
+constexpr double kSinglePassMaxP = 16.0;
+// Above this p the sparse double-precision scheme runs (lp_dist_kernels.h, fwd_sparse_sum).
+constexpr double kSparseMinP = 32.0;
 // Cap on the per-thread partial grad_w buffers of the backward.
 constexpr int64_t kPartialBytes = int64_t(512) << 20;
 
 template <typename T>
 struct Isa {
   const char* name;
-  int lanes, rb, nv, brb, brn;
-  void (*fwd)(const T*, int64_t, const T*, int64_t, int64_t, double, const PowPlan&, T*, int64_t*, T*, T*);
-  void (*bwd)(const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, T*, double,
-              const PowPlan&);
+  int lanes, rt, nv, brb, brn;
+  void (*fwd)(const Plan&, const T*, int64_t, const T*, int64_t, int64_t, int, int, T*, int64_t*, T*, T*,
+              uint32_t*);
+  void (*bwd)(const Plan&, const T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,
+              int64_t, T*, T*, uint32_t*);
 };
-
-#define LPD_ISA(NS, T, SUF)                                                                                  \
-  Isa<T> {                                                                                                   \
-    #NS, NS::Vec<T>::L, NS::RB, NS::NV, NS::BRB, NS::BRN, &NS::fwd_tile_##SUF, &NS::bwd_rows_##SUF          \
-  }
 
 #ifdef LPD_X86_COPIES
 bool cpu_has_avx512() {
@@ -144,45 +353,32 @@ std::string isa_choice() {
   return "generic";
 }
 
+
+#define LPD_ISA_OF(NS, T, SUF) \
+  Isa<T> { #NS, NS::Vec<T>::L, NS::kRT, NS::NV, NS::BRB, NS::BRN, &NS::fwd_##SUF, &NS::bwd_##SUF }
+
 template <typename T>
 Isa<T> pick_isa();
 template <>
 Isa<float> pick_isa<float>() {
   const std::string c = isa_choice();
 #ifdef LPD_X86_COPIES
-  if (c == "avx512") return LPD_ISA(avx512, float, f32);
-  if (c == "avx2") return LPD_ISA(avx2, float, f32);
+  if (c == "avx512") return LPD_ISA_OF(avx512, float, f32);
+  if (c == "avx2") return LPD_ISA_OF(avx2, float, f32);
 #endif
-  return LPD_ISA(generic, float, f32);
+  return LPD_ISA_OF(generic, float, f32);
 }
 template <>
 Isa<double> pick_isa<double>() {
   const std::string c = isa_choice();
 #ifdef LPD_X86_COPIES
-  if (c == "avx512") return LPD_ISA(avx512, double, f64);
-  if (c == "avx2") return LPD_ISA(avx2, double, f64);
+  if (c == "avx512") return LPD_ISA_OF(avx512, double, f64);
+  if (c == "avx2") return LPD_ISA_OF(avx2, double, f64);
 #endif
-  return LPD_ISA(generic, double, f64);
+  return LPD_ISA_OF(generic, double, f64);
 }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-PowPlan make_plan(double p) {
-  PowPlan plan{kPowReal, kPowReal, false, 0, 0};
-  if (p == 1.0) {
-    plan.fwd_mode = kPow1;
-    plan.sign_only = true;
-    return plan;
-  }
-  const bool integer = std::isfinite(p) && p == std::floor(p) && p <= 1.0e6;
-  if (!integer) return plan;
-  const int e = static_cast<int>(p);
-  plan.e_fwd = e;
-  plan.e_bwd = e - 1;
-  plan.fwd_mode = e == 2 ? kPow2 : (e == 8 ? kPow8 : kPowInt);
-  plan.bwd_mode = e == 2 ? kPow1 : (e == 8 ? kPow7 : kPowInt);
-  return plan;
-}
 
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -206,35 +402,93 @@ at::ScalarType compute_dtype(const Tensor& x, const Tensor& w) {
   return (x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-// out = NaN (and idx = the first NaN coordinate) for every pair whose rows hold a NaN: the
+// The sparse scheme skips the terms below 2^-bits of a pair's largest one: DRP_LP_DIST_SKIP_BITS,
+// default 40; 0 computes every term (the dense reference of the scheme, for tests).
+double skip_bits() {
+  const char* env = std::getenv("DRP_LP_DIST_SKIP_BITS");
+  if (!env || !*env) return 40.0;
+  char* end = nullptr;
+  const double v = std::strtod(env, &end);
+  TORCH_CHECK_VALUE(end && *end == '\0' && v >= 0.0 && v <= 1000.0,
+                    "DRP_LP_DIST_SKIP_BITS must be a number in [0, 1000] (default 40); got '", env, "'");
+  return v;
+}
+
+// The plan of a call: a pure function of (x, w, p, stats), so the backward re-derives the forward's
+// scale exactly. The pre-scaled scheme needs finite inputs whose largest |x| + |w| lies well inside
+// the range (2^-100 .. 2^100): the scale 2^e >= max|x| + max|w| keeps every |d / 2^e| <= 1.
+Plan make_plan(const Tensor& x, const Tensor& w, double p, bool stats) {
+  Plan pl{p, kTwoPass, kFwdReal, kBwdReal, 0, 1.0, stats, false, false, 0.0};
+  const bool integer = std::isfinite(p) && p == std::floor(p) && p <= 1.0e6;
+  pl.integer = integer;
+  if (integer) pl.e = static_cast<unsigned>(p);
+  if (std::isfinite(p) && p > kSparseMinP) {
+    pl.sparse = true;
+    const double bits = skip_bits();
+    pl.thr = bits > 0.0 ? std::exp2(-bits / (p - 1.0)) : 0.0;
+  }
+  if (p == INFINITY) {
+    pl.kind = kInf;
+    return pl;
+  }
+  if (p == 1.0) {
+    pl.kind = kOne;
+    pl.bwd_pow = kBwdSign;
+    return pl;
+  }
+  if (integer) {
+    const bool even = pl.e % 2 == 0;
+    pl.fwd_pow = pl.e == 2 ? kFwd2 : (pl.e == 8 ? kFwd8 : (even ? kFwdIntEven : kFwdIntOdd));
+    pl.bwd_pow = pl.e == 2 ? kBwd1 : (pl.e == 8 ? kBwd7 : (even ? kBwdIntOdd : kBwdIntEven));
+  }
+  if (p <= kSinglePassMaxP && x.numel() > 0 && w.numel() > 0) {
+    const double mx = x.abs().max().item<double>();
+    const double mw = w.abs().max().item<double>();
+    const double top = mx + mw;
+    if (std::isfinite(top) && top > 0x1p-100 && top < 0x1p100) {
+      pl.kind = kSingle;
+      pl.scale = std::exp2(std::ceil(std::log2(top)));
+    }
+  }
+  return pl;
+}
+
+// Padded copy of t (R, D) into (Rp, Dp) of the compute dtype, divided by scale (a power of two: exact).
+template <typename T>
+Tensor padded_copy(const Tensor& t, int64_t Rp, int64_t Dp, double scale, bool transpose) {
+  const auto opts = t.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t R = t.size(0), D = t.size(1);
+  Tensor out = transpose ? at::zeros({Dp, Rp}, opts) : at::zeros({Rp, Dp}, opts);
+  Tensor view = transpose ? out.narrow(0, 0, D).narrow(1, 0, R) : out.narrow(0, 0, R).narrow(1, 0, D);
+  view.copy_(transpose ? t.t() : t);
+  if (scale != 1.0) view.mul_(1.0 / scale);
+  return out;
+}
+
+// out = NaN (and idx = the first NaN coordinate, r = NaN) for every pair whose rows hold a NaN: the
 // SIMD max ignores NaN, so these pairs are patched here (O((B + N) D) to find them).
 template <typename T>
-void patch_nan_rows(const T* xc, const T* wc, int64_t B, int64_t N, int64_t D, int64_t ldx, int64_t ldw_row,
-                    T* out, int64_t* idx) {
-  std::vector<char> xn(B, 0), wn(N, 0);
-  bool any = false;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < D; ++k)
-      if (std::isnan(xc[b * ldx + k])) {
-        xn[b] = 1;
-        any = true;
-        break;
-      }
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < D; ++k)
-      if (std::isnan(wc[n * ldw_row + k])) {
-        wn[n] = 1;
-        any = true;
-        break;
-      }
-  if (!any) return;
+void patch_nan_rows(const Tensor& x, const Tensor& w, T* out, int64_t* idx, T* inv, T* r) {
+  const Tensor xn = x.isnan().any(1), wn = w.isnan().any(1);
+  if (!(xn.any().item<bool>() || wn.any().item<bool>())) return;
+  const Tensor xc = x.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const Tensor wc = w.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
+  const bool* xb = xn.data_ptr<bool>();
+  const bool* wb = wn.data_ptr<bool>();
+  const T* xp = xc.data_ptr<T>();
+  const T* wp = wc.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t n = 0; n < N; ++n) {
-      if (!xn[b] && !wn[n]) continue;
+      if (!xb[b] && !wb[n]) continue;
       out[b * N + n] = std::numeric_limits<T>::quiet_NaN();
+      if (inv) {
+        inv[b * N + n] = T(0);
+        r[b * N + n] = std::numeric_limits<T>::quiet_NaN();
+      }
       if (idx) {
         for (int64_t k = 0; k < D; ++k)
-          if (std::isnan(xc[b * ldx + k] - wc[n * ldw_row + k])) {
+          if (std::isnan(xp[b * D + k] - wp[n * D + k])) {
             idx[b * N + n] = k;
             break;
           }
@@ -242,83 +496,84 @@ void patch_nan_rows(const T* xc, const T* wc, int64_t B, int64_t N, int64_t D, i
     }
 }
 
-// Runs the forward tiles: out (B, N), and for p = inf idx (B, N); with m / s (finite p > 1)
-// also each pair's max |d| and scaled sum (what the backward of a large p recomputes).
+// Runs the forward tiles: out (B, N); with stats idx (p = inf) or inv and r (finite p > 1).
 template <typename T>
-void run_tiles(const Tensor& x, const Tensor& w, double p, T* op, int64_t* ip, T* mp, T* sp) {
+void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_t* ip, T* invp, T* rp) {
   const Isa<T> isa = pick_isa<T>();
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
-  const int64_t RB = isa.rb, NB = isa.nv * isa.lanes;
-  const int64_t Bp = round_up(B, RB), Np = round_up(N, NB);
-  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t RT = isa.rt, NB = isa.nv * isa.lanes;
+  const int64_t Bp = round_up(B, RT), Np = round_up(N, NB);
   // documented copies: x in the compute dtype, padded to whole row tiles; w transposed and padded
-  Tensor xc = at::zeros({Bp, D}, opts);
-  xc.narrow(0, 0, B).copy_(x);
-  Tensor wT = at::zeros({D, Np}, opts);
-  wT.narrow(1, 0, N).copy_(w.t());
+  const Tensor xc = padded_copy<T>(x, Bp, D, pl.scale, false);
+  const Tensor wT = padded_copy<T>(w, Np, D, pl.scale, true);
   const T* xp = xc.data_ptr<T>();
   const T* wp = wT.data_ptr<T>();
-  const PowPlan plan = make_plan(p);
 
-  const int64_t MB = RB * std::max<int64_t>(1, 64 / RB);
+  const int64_t MB = RT * std::max<int64_t>(1, 64 / RT);
   const int64_t nbb = (Bp + MB - 1) / MB, npan = Np / NB;
-  const int64_t task_work = MB * NB * std::max<int64_t>(D, 1) * (p == INFINITY || p == 1.0 ? 1 : 2);
+  const int64_t passes = pl.kind == kTwoPass ? 3 : (pl.kind == kSingle ? 2 : 1);
+  const int64_t task_work = MB * NB * std::max<int64_t>(D, 1) * passes;
   const int64_t grain = std::max<int64_t>(1, kSerialWork / task_work);
   at::parallel_for(0, nbb * npan, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(RB * NB), tm(mp ? RB * NB : 0), ts(mp ? RB * NB : 0);
-    std::vector<int64_t> tidx(RB * NB);
+    FlushDenormals ftz;
+    std::vector<T> tile(RT * NB), tinv(RT * NB), tr(RT * NB);
+    std::vector<int64_t> tidx(RT * NB);
+    std::vector<uint32_t> scratch(pl.sparse ? RT * isa.nv * std::max<int64_t>(D, 1) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / npan, pan = t % npan;
       const int64_t n0 = pan * NB, ncols = std::min<int64_t>(NB, N - n0);
       const int64_t bend = std::min<int64_t>(Bp, (bb + 1) * MB);
-      for (int64_t b = bb * MB; b < bend; b += RB) {
-        isa.fwd(xp + b * D, D, wp + n0, Np, D, p, plan, tile.data(), tidx.data(), mp ? tm.data() : nullptr,
-                mp ? ts.data() : nullptr);
-        const int64_t nrows = std::min<int64_t>(RB, B - b);
+      for (int64_t b = bb * MB; b < bend && b < B; b += RT) {
+        const int64_t nrows = std::min<int64_t>(RT, B - b);
+        isa.fwd(pl, xp + b * D, D, wp + n0, Np, D, static_cast<int>(nrows), static_cast<int>(ncols), tile.data(),
+                tidx.data(), invp ? tinv.data() : nullptr, invp ? tr.data() : nullptr, scratch.data());
         for (int64_t r = 0; r < nrows; ++r) {
           std::memcpy(op + (b + r) * N + n0, tile.data() + r * NB, ncols * sizeof(T));
           if (ip) std::memcpy(ip + (b + r) * N + n0, tidx.data() + r * NB, ncols * sizeof(int64_t));
-          if (mp) {
-            std::memcpy(mp + (b + r) * N + n0, tm.data() + r * NB, ncols * sizeof(T));
-            std::memcpy(sp + (b + r) * N + n0, ts.data() + r * NB, ncols * sizeof(T));
+          if (invp) {
+            std::memcpy(invp + (b + r) * N + n0, tinv.data() + r * NB, ncols * sizeof(T));
+            std::memcpy(rp + (b + r) * N + n0, tr.data() + r * NB, ncols * sizeof(T));
           }
         }
       }
     }
   });
-  // w rows live in column n of wT
-  Tensor wc = wT.narrow(1, 0, N).t().contiguous();
-  patch_nan_rows<T>(xp, wc.data_ptr<T>(), B, N, D, D, D, op, ip);
+  patch_nan_rows<T>(x, w, op, ip, invp, rp);
 }
 
-template <typename T>
-void forward_impl(const Tensor& x, const Tensor& w, double p, Tensor& out, Tensor& idx) {
-  run_tiles<T>(x, w, p, out.data_ptr<T>(), p == INFINITY ? idx.data_ptr<int64_t>() : nullptr, nullptr, nullptr);
-}
-
-std::tuple<Tensor, Tensor> lp_dist_cpu_forward(const Tensor& x, const Tensor& w, double p) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> lp_dist_cpu_forward(const Tensor& x, const Tensor& w, double p,
+                                                                bool stats) {
   check_inputs(x, w, p, "drp::lp_dist_cpu_forward");
   const auto cd = compute_dtype(x, w);
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
+  const bool want_idx = stats && p == INFINITY;
+  const bool want_ir = stats && p != INFINITY && p != 1.0;
   Tensor out = at::empty({B, N}, x.options().dtype(cd));
-  Tensor idx = at::empty({p == INFINITY ? B : 0, p == INFINITY ? N : 0}, x.options().dtype(at::kLong));
-  if (B == 0 || N == 0) return {out, idx};
+  Tensor idx = at::empty({want_idx ? B : 0, want_idx ? N : 0}, x.options().dtype(at::kLong));
+  Tensor inv = at::empty({want_ir ? B : 0, want_ir ? N : 0}, x.options().dtype(cd));
+  Tensor r = at::empty({want_ir ? B : 0, want_ir ? N : 0}, x.options().dtype(cd));
+  if (B == 0 || N == 0) return {out, idx, inv, r};
   if (D == 0) {
     out.zero_();
     idx.zero_();
-    return {out, idx};
+    inv.zero_();
+    r.zero_();
+    return {out, idx, inv, r};
   }
+  const Plan pl = make_plan(x, w, p, stats);
   if (cd == at::kDouble) {
-    forward_impl<double>(x, w, p, out, idx);
+    run_forward<double>(x, w, pl, out.data_ptr<double>(), want_idx ? idx.data_ptr<int64_t>() : nullptr,
+                        want_ir ? inv.data_ptr<double>() : nullptr, want_ir ? r.data_ptr<double>() : nullptr);
   } else {
-    forward_impl<float>(x, w, p, out, idx);
+    run_forward<float>(x, w, pl, out.data_ptr<float>(), want_idx ? idx.data_ptr<int64_t>() : nullptr,
+                       want_ir ? inv.data_ptr<float>() : nullptr, want_ir ? r.data_ptr<float>() : nullptr);
   }
-  return {out, idx};
+  return {out, idx, inv, r};
 }
 
-// p = inf: a scatter-add of s[b, n] = sign(x[b, k] - w[n, k]) * grad[b, n] at k = idx[b, n].
-// Pass 1 (blocks of n per task, w rows in cache) forms s and subtracts it from grad_w; pass 2
-// (rows of x per task) adds it to grad_x, reading s sequentially.
+// p = inf: a scatter-add of s[b, n] = sign(x[b, k] - w[n, k]) * grad[b, n] at k = idx[b, n] (NaN
+// where that coordinate is NaN). Pass 1 (blocks of n per task, w rows in cache) forms s and subtracts
+// it from grad_w; pass 2 (rows of x per task) adds it to grad_x, reading s sequentially.
 template <typename T>
 void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Tensor& idx, Tensor& gx, Tensor& gw,
                   bool need_x, bool need_w) {
@@ -340,7 +595,8 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t k = ip[b * N + n];
           const T d = xp[b * D + k] - wp[n * D + k];
-          const T s = (T(d > T(0)) - T(d < T(0))) * gp[b * N + n];
+          const T sg = d != d ? d : T(d > T(0)) - T(d < T(0));
+          const T s = sg * gp[b * N + n];
           sp[b * N + n] = s;
           if (gwp) gwp[n * D + k] -= s;
         }
@@ -356,9 +612,11 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
   }
 }
 
+// Finite p: one pass with the forward's inv and r (p = 1: sign only, c = grad, NaN where out is not
+// finite).
 template <typename T>
-void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& out, double p, Tensor& gx,
-                     Tensor& gw) {
+void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& out, const Tensor& inv,
+                     const Tensor& r, double p, Tensor& gx, Tensor& gw) {
   const Isa<T> isa = pick_isa<T>();
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
   const int64_t Dp = round_up(D, isa.lanes), Np = round_up(N, isa.brn);
@@ -371,69 +629,84 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   const int64_t rows = round_up((B + chunks - 1) / chunks, isa.brb);
   chunks = (B + rows - 1) / rows;
   const int64_t Bp = rows * chunks;
-  // documented copies: padded row-major x and w in the compute dtype, and the per-pair
-  // coefficient grad[b, n] and inverse distance 1 / out[b, n] transposed to (Np, Bp)
-  Tensor xp = at::zeros({Bp, Dp}, opts);
-  xp.narrow(0, 0, B).narrow(1, 0, D).copy_(x);
-  Tensor wp = at::zeros({Np, Dp}, opts);
-  wp.narrow(0, 0, N).narrow(1, 0, D).copy_(w);
-  // per pair: the weight is sign(d) * c * (|d| * inv)^(p - 1). Moderate p: c = grad, inv = 1 / out.
-  // Large p: 1 / out would carry out's rounding error amplified p - 1 times, so m = max |d| and
-  // s = sum (|d| / m)^p are recomputed (two forward passes) and c = grad * s^((1 - p) / p), inv = 1 / m.
-  Tensor c, inv;
+  const Plan pl = make_plan(x, w, p, true);
+  // documented copies: padded row-major x and w in the compute dtype (divided by the forward's scale),
+  // and the per-pair coefficient c = grad * r and scale inv transposed to (Np, Bp)
+  const Tensor xp = padded_copy<T>(x, Bp, Dp, pl.scale, false);
+  const Tensor wp = padded_copy<T>(w, Np, Dp, pl.scale, false);
   const Tensor gc = g.to(opts.dtype());
-  if (p > kRecomputeP) {
-    Tensor m = at::empty({B, N}, opts), s = at::empty({B, N}, opts), o = at::empty({B, N}, opts);
-    run_tiles<T>(x, w, p, o.data_ptr<T>(), nullptr, m.data_ptr<T>(), s.data_ptr<T>());
-    const Tensor usable = (m > 0) & m.isfinite();
-    const Tensor sd = s.to(at::kDouble);
-    c = at::where(usable, gc * sd.pow((1.0 - p) / p).to(opts.dtype()), at::zeros({}, opts));
-    c = at::where(m.isnan() | o.isnan(), at::full({}, NAN, opts), c);
-    inv = at::where(usable, m.reciprocal(), at::zeros({}, opts));
+  Tensor c, iv;
+  if (p == 1.0) {
+    c = at::where(out.isfinite(), gc, at::full({}, NAN, opts));
+    iv = at::zeros({B, N}, opts);
   } else {
-    const Tensor o = out.to(opts.dtype());
-    const Tensor zero_out = o == 0;
-    c = at::where(zero_out, at::zeros({}, opts), gc);
-    inv = at::where(zero_out | o.isinf(), at::zeros({}, opts), o.reciprocal());
+    c = gc * r.to(opts.dtype());
+    iv = inv.to(opts.dtype());
   }
+  // pairs with a non-finite coefficient (NaN / infinite distance) give NaN rows, set at the end
+  const Tensor bad = c.isfinite().logical_not();
+  const Tensor c_ok = at::where(bad, at::zeros({}, opts), c);
   Tensor cT = at::zeros({Np, Bp}, opts);
-  cT.narrow(0, 0, N).narrow(1, 0, B).copy_(c.t());
+  cT.narrow(0, 0, N).narrow(1, 0, B).copy_(c_ok.t());
   Tensor iT = at::zeros({Np, Bp}, opts);
-  iT.narrow(0, 0, N).narrow(1, 0, B).copy_(inv.t());
+  iT.narrow(0, 0, N).narrow(1, 0, B).copy_(iv.t());
+  // the sparse scheme's per-pair threshold thr * max = thr / inv (never passed where inv is 0)
+  Tensor tT;
+  if (pl.sparse) {
+    tT = at::full({Np, Bp}, INFINITY, opts);
+    const Tensor th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
+    tT.narrow(0, 0, N).narrow(1, 0, B).copy_(th.t());
+  }
   Tensor gxp = at::zeros({Bp, Dp}, opts);
   Tensor parts = at::empty({chunks, Np, Dp}, opts);
-  const PowPlan plan = make_plan(p);
   const T* xd = xp.data_ptr<T>();
   const T* wd = wp.data_ptr<T>();
   const T* cd = cT.data_ptr<T>();
   const T* id = iT.data_ptr<T>();
+  const T* td = pl.sparse ? tT.data_ptr<T>() : nullptr;
   T* gxd = gxp.data_ptr<T>();
   T* pd = parts.data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    FlushDenormals ftz;
+    std::vector<uint32_t> scratch(pl.sparse ? rows * isa.brn : 0);
     for (int64_t ch = c0; ch < c1; ++ch)
-      isa.bwd(xd, wd, cd, id, ch * rows, (ch + 1) * rows, Bp, Np, Dp, gxd, pd + ch * Np * Dp, p, plan);
+      isa.bwd(pl, xd, wd, cd, id, td, ch * rows, (ch + 1) * rows, Bp, Np, Dp, gxd, pd + ch * Np * Dp,
+              scratch.data());
   });
   gx = gxp.narrow(0, 0, B).narrow(1, 0, D);
   gw = (chunks == 1 ? parts[0] : parts.sum(0)).narrow(0, 0, N).narrow(1, 0, D);
+  if (bad.any().item<bool>()) {
+    gx = gx.clone();
+    gx.index_put_({bad.any(1)}, NAN);
+    gw = gw.clone();
+    gw.index_put_({bad.any(0)}, NAN);
+  }
+}
+
+void check_pair_tensor(const Tensor& t, int64_t B, int64_t N, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == N, "drp::lp_dist_cpu_backward: ", name,
+                    " must have shape (", B, ", ", N, ") (the forward's stats), got ", t.sizes());
 }
 
 std::tuple<Tensor, Tensor> lp_dist_cpu_backward(const Tensor& grad, const Tensor& x, const Tensor& w,
-                                                const Tensor& out, const Tensor& idx, double p, bool need_x,
-                                                bool need_w) {
+                                                const Tensor& out, const Tensor& idx, const Tensor& inv,
+                                                const Tensor& r, double p, bool need_x, bool need_w) {
   check_inputs(x, w, p, "drp::lp_dist_cpu_backward");
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == N,
-                    "drp::lp_dist_cpu_backward: grad must have shape (", B, ", ", N, "), got ", grad.sizes());
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == B && out.size(1) == N,
-                    "drp::lp_dist_cpu_backward: out must have shape (", B, ", ", N, "), got ", out.sizes());
-  if (p == INFINITY) {
-    TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == B && idx.size(1) == N && idx.scalar_type() == at::kLong,
-                      "drp::lp_dist_cpu_backward: idx must be int64 of shape (", B, ", ", N, ") for p = inf");
+  check_pair_tensor(grad, B, N, "grad");
+  check_pair_tensor(out, B, N, "out");
+  const bool empty = B == 0 || N == 0 || D == 0 || (!need_x && !need_w);
+  if (!empty && p == INFINITY) {
+    TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, "drp::lp_dist_cpu_backward: idx must be int64 for p = inf");
+    check_pair_tensor(idx, B, N, "idx");
+  } else if (!empty && p != 1.0) {
+    check_pair_tensor(inv, B, N, "inv");
+    check_pair_tensor(r, B, N, "r");
   }
   const auto cd = compute_dtype(x, w);
   const auto opts = x.options().dtype(cd);
   Tensor gx, gw;
-  if (B == 0 || N == 0 || D == 0 || (!need_x && !need_w)) {
+  if (empty) {
     gx = at::zeros({B, D}, opts);
     gw = at::zeros({N, D}, opts);
   } else if (p == INFINITY) {
@@ -449,9 +722,9 @@ std::tuple<Tensor, Tensor> lp_dist_cpu_backward(const Tensor& grad, const Tensor
       backward_inf<float>(g, xc, wc, ic, gx, gw, need_x, need_w);
     }
   } else if (cd == at::kDouble) {
-    backward_finite<double>(grad, x, w, out, p, gx, gw);
+    backward_finite<double>(grad, x, w, out, inv, r, p, gx, gw);
   } else {
-    backward_finite<float>(grad, x, w, out, p, gx, gw);
+    backward_finite<float>(grad, x, w, out, inv, r, p, gx, gw);
   }
   Tensor rx = need_x ? gx.to(x.scalar_type()).contiguous() : at::empty({0}, x.options());
   Tensor rw = need_w ? gw.to(w.scalar_type()).contiguous() : at::empty({0}, w.options());
@@ -463,10 +736,10 @@ std::tuple<Tensor, Tensor> lp_dist_cpu_backward(const Tensor& grad, const Tensor
 }  // namespace drp
 
 TORCH_LIBRARY_FRAGMENT(drp, m) {
-  m.def("lp_dist_cpu_forward(Tensor x, Tensor w, float p) -> (Tensor, Tensor)");
+  m.def("lp_dist_cpu_forward(Tensor x, Tensor w, float p, bool stats) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "lp_dist_cpu_backward(Tensor grad, Tensor x, Tensor w, Tensor out, Tensor idx, float p, bool need_x, "
-      "bool need_w) -> (Tensor, Tensor)");
+      "lp_dist_cpu_backward(Tensor grad, Tensor x, Tensor w, Tensor out, Tensor idx, Tensor inv, Tensor r, "
+      "float p, bool need_x, bool need_w) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(drp, CPU, m) {

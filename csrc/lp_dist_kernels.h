@@ -1,21 +1,31 @@
 // Micro-kernels of drp::lp_dist_cpu_* for one instruction set.
 //
-// No include guard on purpose: lp_dist.cpp includes this file once per instruction set,
-// each time inside a different `#pragma GCC target` region and with these macros set:
-//   LPD_NS   namespace of this copy          LPD_VB   bytes per SIMD vector (16, 32, 64)
-//   LPD_RB   rows of x per forward tile      LPD_NV   vectors of w columns per forward tile
-//   LPD_BRB  rows of x per backward step     LPD_BRN  rows of w per backward step
-// The kernels are written with GCC vector extensions, so one source gives SSE2, AVX2 and
-// AVX-512 code; the caller picks the widest copy the CPU supports at run time.
+// No include guard on purpose: lp_dist.cpp includes this file once per instruction set, each
+// time inside a different `#pragma GCC target` region and with these macros set:
+//   LPD_NS    namespace of this copy           LPD_VB   bytes per SIMD vector (16, 32, 64)
+//   LPD_ISA   512 (AVX-512), 256 (AVX2 + FMA), 128 (x86 SSE2) or 0 (portable vector extensions)
+//   LPD_RB    rows of x per forward tile        LPD_NV   vectors of w columns per forward tile
+//   LPD_RBI   rows of x per p = inf tile with the arg-max index (it needs twice the registers)
+//   LPD_RBS   rows of x per power-sum tile
+//   LPD_BRB   rows of x per backward step       LPD_BRN  rows of w per backward step
+// The arithmetic is written with GCC vector extensions, and every operation that has one x86
+// instruction (splat, max, compare, blend, movemask) goes through the small shims below, so
+// each copy compiles to plain register code: no per-lane inserts, no compare-and-blend maxima,
+// accumulators in registers (objdump -d shows it; bench/RESULTS.md counts the instructions).
 //
 // Layouts (all padded by the caller, so there is no tail handling here):
 //   forward:  x (Bp, D) row-major, wT (D, Np) = w transposed, Np a multiple of NV * lanes;
-//             a tile is RB rows of x times NV * lanes columns of wT, accumulated over k
-//             as an outer product (each loaded w vector is reused by RB rows).
+//             a tile is R rows of x times NV * lanes columns of wT, accumulated over k as an
+//             outer product (each loaded w vector is reused by R rows).
 //   backward: x (Bp, Dp), w (Np, Dp) row-major, Dp a multiple of lanes; the coefficient
-//             g[b, n] and the inverse distance 1 / out[b, n] are given transposed, (Np, Bp).
+//             c[b, n] and the inverse scale inv[b, n] are given transposed, (Np, Bp).
+//
+// Power modes (template parameter E): E >= 1 a compile-time integer exponent, kPowInt a run-time
+// integer exponent (square-and-multiply over the whole register tile: one well-predicted branch
+// per exponent bit per tile, not per vector), kPowReal a non-integer exponent (exp2(q log2 t)).
+// Denormals: the caller runs every worker with FTZ/DAZ set (lp_dist.cpp, FlushDenormals), so a
+// power that leaves the normal range costs nothing and gives 0.
 
-// PowMode (kPow*) and PowPlan come from the enclosing namespace (lp_dist.cpp).
 namespace LPD_NS {
 
 template <typename T> struct Vec;
@@ -35,60 +45,140 @@ template <> struct Vec<double> {
 };
 
 constexpr int RB = LPD_RB;
+constexpr int RBI = LPD_RBI;
+constexpr int RBS = LPD_RBS;
 constexpr int NV = LPD_NV;
 constexpr int BRB = LPD_BRB;
 constexpr int BRN = LPD_BRN;
 
-template <typename T>
-static inline __attribute__((always_inline)) typename Vec<T>::V vload(const T* p) {
-  typename Vec<T>::V v;
+#define LPD_AI static inline __attribute__((always_inline))
+#define LPD_V typename Vec<T>::V
+#define LPD_I typename Vec<T>::I
+
+// ------------------------------------------------------------------- one-instruction shims
+template <typename T> LPD_AI LPD_V vload(const T* p) {
+  LPD_V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-static inline __attribute__((always_inline)) void vstore(T* p, typename Vec<T>::V v) {
-  __builtin_memcpy(p, &v, sizeof(v));
+template <typename T> LPD_AI void vstore(T* p, LPD_V v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+template <typename T> LPD_AI LPD_V splat(T s) {
+#if LPD_ISA == 512
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm512_set1_ps(s); else return (LPD_V)_mm512_set1_pd(s);
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm256_set1_ps(s); else return (LPD_V)_mm256_set1_pd(s);
+#elif LPD_ISA == 128
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm_set1_ps(s); else return (LPD_V)_mm_set1_pd(s);
+#else
+  LPD_V v;
+  for (int i = 0; i < Vec<T>::L; ++i) v[i] = s;
+  return v;
+#endif
 }
-template <typename T>
-static inline __attribute__((always_inline)) typename Vec<T>::V vabs(typename Vec<T>::V d) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  return (V)((I)d & Vec<T>::kAbs);
+template <typename T> LPD_AI LPD_I splat_i(typename Vec<T>::IS s) {
+  LPD_I v = {};
+  return v + s;  // integer: no signed-zero issue, folds to a broadcast
 }
 
-// t^e for a compile-time or run-time exponent (t >= 0); E < 0 means "use e".
-template <typename T, int E>
-static inline __attribute__((always_inline)) typename Vec<T>::V vpow_int(typename Vec<T>::V t, int e) {
-  using V = typename Vec<T>::V;
-  if constexpr (E == 1) {
-    return t;
-  } else if constexpr (E == 2) {
-    return t * t;
-  } else if constexpr (E == 7) {
-    const V t2 = t * t;
-    const V t3 = t2 * t;
-    const V t6 = t3 * t3;
-    return t6 * t;
-  } else if constexpr (E == 8) {
-    const V t2 = t * t;
-    const V t4 = t2 * t2;
-    return t4 * t4;
-  } else {
-    V r = V{} + T(1);
-    while (true) {
-      if (e & 1) r *= t;
-      e >>= 1;
-      if (!e) break;
-      t *= t;
-    }
-    return r;
+// max(a, b); NaN in a gives b (the x86 rule); callers never rely on NaN here.
+template <typename T> LPD_AI LPD_V vmax(LPD_V a, LPD_V b) {
+#if LPD_ISA == 512
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm512_max_ps(a, b); else return (LPD_V)_mm512_max_pd(a, b);
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm256_max_ps(a, b); else return (LPD_V)_mm256_max_pd(a, b);
+#elif LPD_ISA == 128
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm_max_ps(a, b); else return (LPD_V)_mm_max_pd(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+template <typename T> LPD_AI LPD_V vabs(LPD_V d) { return (LPD_V)((LPD_I)d & Vec<T>::kAbs); }
+template <typename T> LPD_AI LPD_V vsignbit(LPD_V d) { return (LPD_V)((LPD_I)d & ~Vec<T>::kAbs); }
+template <typename T> LPD_AI LPD_V vor(LPD_V a, LPD_V b) { return (LPD_V)((LPD_I)a | (LPD_I)b); }
+
+// Comparison masks: a k-register on AVX-512, all-ones lanes elsewhere.
+#if LPD_ISA == 512
+template <typename T> struct MaskOf { typedef __mmask16 M; };
+template <> struct MaskOf<double> { typedef __mmask8 M; };
+#else
+template <typename T> struct MaskOf { typedef typename Vec<T>::V M; };
+#endif
+#define LPD_M typename MaskOf<T>::M
+
+template <typename T> LPD_AI LPD_M vgt(LPD_V a, LPD_V b) {  // a > b, false for NaN
+#if LPD_ISA == 512
+  if constexpr (sizeof(T) == 4) return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); else return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ);
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm256_cmp_ps(a, b, _CMP_GT_OQ); else return (LPD_V)_mm256_cmp_pd(a, b, _CMP_GT_OQ);
+#elif LPD_ISA == 128
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm_cmpgt_ps(a, b); else return (LPD_V)_mm_cmpgt_pd(a, b);
+#else
+  return (LPD_V)(a > b);
+#endif
+}
+// a where m, else b
+template <typename T> LPD_AI LPD_V vsel(LPD_M m, LPD_V a, LPD_V b) {
+#if LPD_ISA == 512
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm512_mask_blend_ps(m, b, a); else return (LPD_V)_mm512_mask_blend_pd(m, b, a);
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return (LPD_V)_mm256_blendv_ps(b, a, m); else return (LPD_V)_mm256_blendv_pd(b, a, m);
+#else
+  return (LPD_V)(((LPD_I)m & (LPD_I)a) | (~(LPD_I)m & (LPD_I)b));
+#endif
+}
+
+// a | b
+template <typename T> LPD_AI LPD_M mor(LPD_M a, LPD_M b) {
+#if LPD_ISA == 512
+  return a | b;
+#else
+  return (LPD_V)((LPD_I)a | (LPD_I)b);
+#endif
+}
+
+// any lane set
+template <typename T> LPD_AI bool many(LPD_M m) {
+#if LPD_ISA == 512
+  return m != 0;
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return _mm256_movemask_ps((__m256)m) != 0; else return _mm256_movemask_pd((__m256d)m) != 0;
+#elif LPD_ISA == 128
+  if constexpr (sizeof(T) == 4) return _mm_movemask_ps((__m128)m) != 0; else return _mm_movemask_pd((__m128d)m) != 0;
+#else
+  const LPD_I mi = (LPD_I)m;
+  bool any = false;
+  for (int i = 0; i < Vec<T>::L; ++i) any |= mi[i] != 0;
+  return any;
+#endif
+}
+
+// ------------------------------------------------------------------------------ powers
+// t[i] = t[i]^e for the NT vectors of a tile, e >= 1, by square-and-multiply. With a compile-time
+// e (always_inline, constant propagation) the loops unroll into a fixed chain; with a run-time e
+// each exponent bit costs one branch for the whole tile, predicted after the first k.
+template <typename T, int NT>
+LPD_AI void tile_ipow(LPD_V (&t)[NT], unsigned e) {
+  while (!(e & 1u)) {
+    for (int i = 0; i < NT; ++i) t[i] = t[i] * t[i];
+    e >>= 1;
   }
+  LPD_V r[NT];
+  for (int i = 0; i < NT; ++i) r[i] = t[i];
+  e >>= 1;
+  while (e) {
+    for (int i = 0; i < NT; ++i) t[i] = t[i] * t[i];
+    if (e & 1u)
+      for (int i = 0; i < NT; ++i) r[i] = r[i] * t[i];
+    e >>= 1;
+  }
+  for (int i = 0; i < NT; ++i) t[i] = r[i];
 }
 
 // t^q = exp2(q * log2(t)) for float vectors, 0 <= t <= 1, q > 0 (0^q = 0). log(m) on
 // [sqrt(1/2), sqrt(2)) and 2^f on [-1/2, 1/2] are the minimax polynomials of Cephes' logf and
-// exp2f (relative error ~1e-7 each); results below 2^-126 are flushed to 0.
-static inline __attribute__((always_inline)) Vec<float>::V vpow_real_f32(Vec<float>::V t, float q) {
+// exp2f (relative error ~1e-7 each); results below 2^-126 are 0.
+LPD_AI Vec<float>::V vpow_real_f32(Vec<float>::V t, float q) {
   using V = Vec<float>::V;
   using I = Vec<float>::I;
   const I bits = (I)t;
@@ -127,201 +217,419 @@ static inline __attribute__((always_inline)) Vec<float>::V vpow_real_f32(Vec<flo
 // t^q lane by lane for a non-integer q (t >= 0; 0^q = 0 for q > 0): the vector exp2/log2 above
 // for float, std::pow for double (the slow path).
 template <typename T>
-static inline typename Vec<T>::V vpow_real(typename Vec<T>::V t, T q) {
+static inline LPD_V vpow_real(LPD_V t, T q) {
   if constexpr (sizeof(T) == 4) {
     return vpow_real_f32(t, q);
-  }
-  using V = typename Vec<T>::V;
-  T lanes[Vec<T>::L];
-  __builtin_memcpy(lanes, &t, sizeof(t));
-  for (int i = 0; i < Vec<T>::L; ++i) lanes[i] = lanes[i] > T(0) ? std::pow(lanes[i], q) : T(0);
-  V r;
-  __builtin_memcpy(&r, lanes, sizeof(r));
-  return r;
-}
-
-// t^e / t^q by mode. For the run-time modes, t below thr (where t^e would leave the normal range
-// and x86 would take a slow denormal assist on every multiply) is flushed to 0 first: such terms
-// are below 2^-100 (float) / 2^-900 (double) of the largest one, which is 1.
-template <typename T, int MODE>
-static inline __attribute__((always_inline)) typename Vec<T>::V vpow(typename Vec<T>::V t, int e, T q, T thr) {
-  using V = typename Vec<T>::V;
-  if constexpr (MODE == kPowReal) {
-    return vpow_real<T>(t >= thr ? t : V{}, q);
-  } else if constexpr (MODE == kPowInt) {
-    return vpow_int<T, MODE>(t >= thr ? t : V{}, e);
   } else {
-    (void)thr;
-    return vpow_int<T, MODE>(t, e);
+    T lanes[Vec<T>::L];
+    __builtin_memcpy(lanes, &t, sizeof(t));
+    for (int i = 0; i < Vec<T>::L; ++i) lanes[i] = lanes[i] > T(0) ? std::pow(lanes[i], q) : T(0);
+    LPD_V r;
+    __builtin_memcpy(&r, lanes, sizeof(r));
+    return r;
   }
 }
 
-// The flush threshold of vpow for the exponent q: thr^q = 2^-100 (float) or 2^-900 (double).
-template <typename T>
-static inline T flush_below(double q) {
-  return q > 0 ? static_cast<T>(std::exp2((sizeof(T) == 4 ? -100.0 : -900.0) / q)) : T(0);
+// The tile's powers by mode: E >= 1 fixed, kPowInt run-time integer e, kPowReal exponent q.
+template <typename T, int E, int NT>
+LPD_AI void tile_pow(LPD_V (&t)[NT], unsigned e, T q) {
+  if constexpr (E == kPowReal) {
+    for (int i = 0; i < NT; ++i) t[i] = vpow_real<T>(t[i], q);
+  } else if constexpr (E == kPowInt) {
+    tile_ipow<T, NT>(t, e);
+  } else if constexpr (E > 1) {
+    tile_ipow<T, NT>(t, static_cast<unsigned>(E));
+  }
 }
 
-template <typename T>
-static inline __attribute__((always_inline)) typename Vec<T>::V vbcast(T s) {
-  typename Vec<T>::V v;
-  for (int i = 0; i < Vec<T>::L; ++i) v[i] = s;
-  return v;
-}
-
-// ------------------------------------------------------------------ forward
-// Max over k of |x[r, k] - wT[k, c]| for an RB x (NV * L) tile; with IDX also the first
-// arg-max k (strict >, so ties keep the earliest k). NaN is ignored here; the caller
-// patches pairs whose rows hold a NaN.
-template <typename T, bool IDX>
-static void tile_max(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT, int64_t ldw, int64_t D,
-                     T* __restrict__ m_out, int64_t* __restrict__ idx_out) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
+// ------------------------------------------------------------------------------ forward
+// m[r, c] = max_k |x[r, k] - wT[k, c]| for an R x (NV * L) tile; with IDX also the first arg-max
+// k (strict >, so ties keep the earliest k). NaN is ignored here; the caller patches pairs whose
+// rows hold a NaN.
+template <typename T, int R, bool IDX>
+__attribute__((noinline)) static void fwd_max(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT, int64_t ldw, int64_t D,
+                    T* __restrict__ m_out, int64_t* __restrict__ idx_out) {
+  using V = LPD_V;
+  using I = LPD_I;
   using IS = typename Vec<T>::IS;
   constexpr int L = Vec<T>::L;
-  V acc[RB][NV];
-  I id[RB][NV];
-  for (int r = 0; r < RB; ++r)
+  V acc[R][NV];
+  V id[R][NV];  // index bits, kept in float registers so the select is one blend
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
       acc[r][v] = V{};
-      id[r][v] = I{};
+      id[r][v] = V{};
     }
   for (int64_t k = 0; k < D; ++k) {
     const T* wk = wT + k * ldw;
     V w[NV];
     for (int v = 0; v < NV; ++v) w[v] = vload<T>(wk + v * L);
-    const I kv = I{} + static_cast<IS>(k);
-    for (int r = 0; r < RB; ++r) {
-      const V xb = vbcast<T>(x[r * ldx + k]);
+    const V kv = (V)splat_i<T>(static_cast<IS>(k));
+    for (int r = 0; r < R; ++r) {
+      const V xb = splat<T>(x[r * ldx + k]);
       for (int v = 0; v < NV; ++v) {
         const V a = vabs<T>(xb - w[v]);
         if constexpr (IDX) {
-          const I gt = a > acc[r][v];
-          acc[r][v] = gt ? a : acc[r][v];
-          id[r][v] = gt ? kv : id[r][v];
+          const auto gt = vgt<T>(a, acc[r][v]);
+          acc[r][v] = vmax<T>(a, acc[r][v]);
+          id[r][v] = vsel<T>(gt, kv, id[r][v]);
         } else {
-          acc[r][v] = a > acc[r][v] ? a : acc[r][v];
+          acc[r][v] = vmax<T>(a, acc[r][v]);
         }
       }
     }
   }
-  for (int r = 0; r < RB; ++r)
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
       vstore<T>(m_out + r * NV * L + v * L, acc[r][v]);
       if constexpr (IDX) {
         IS tmp[L];
-        __builtin_memcpy(tmp, &id[r][v], sizeof(tmp));
+        const I ib = (I)id[r][v];
+        __builtin_memcpy(tmp, &ib, sizeof(tmp));
         for (int i = 0; i < L; ++i) idx_out[r * NV * L + v * L + i] = tmp[i];
       }
     }
 }
 
-#if LPD_VB == 64
-// The same for float on AVX-512, written with intrinsics: GCC lowers the vector ternaries
-// above to a compare per select; here one compare feeds a max and a masked index move.
-template <>
-void tile_max<float, true>(const float* __restrict__ x, int64_t ldx, const float* __restrict__ wT, int64_t ldw,
-                           int64_t D, float* __restrict__ m_out, int64_t* __restrict__ idx_out) {
-  __m512 acc[RB][NV];
-  __m512i id[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = _mm512_setzero_ps();
-      id[r][v] = _mm512_setzero_si512();
-    }
-  for (int64_t k = 0; k < D; ++k) {
-    const float* wk = wT + k * ldw;
-    __m512 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wk + v * 16);
-    const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(k));
-    for (int r = 0; r < RB; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-      for (int v = 0; v < NV; ++v) {
-        const __m512 a = _mm512_abs_ps(_mm512_sub_ps(xb, w[v]));
-        const __mmask16 gt = _mm512_cmp_ps_mask(a, acc[r][v], _CMP_GT_OQ);
-        acc[r][v] = _mm512_max_ps(a, acc[r][v]);
-        id[r][v] = _mm512_mask_mov_epi32(id[r][v], gt, kv);
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) {
-      _mm512_storeu_ps(m_out + r * NV * 16 + v * 16, acc[r][v]);
-      int32_t tmp[16];
-      _mm512_storeu_si512(tmp, id[r][v]);
-      for (int i = 0; i < 16; ++i) idx_out[r * NV * 16 + v * 16 + i] = tmp[i];
-    }
-}
-
-template <>
-void tile_max<float, false>(const float* __restrict__ x, int64_t ldx, const float* __restrict__ wT, int64_t ldw,
-                            int64_t D, float* __restrict__ m_out, int64_t* __restrict__) {
-  __m512 acc[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < D; ++k) {
-    const float* wk = wT + k * ldw;
-    __m512 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wk + v * 16);
-    for (int r = 0; r < RB; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_max_ps(_mm512_abs_ps(_mm512_sub_ps(xb, w[v])), acc[r][v]);
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(m_out + r * NV * 16 + v * 16, acc[r][v]);
-}
-#endif
-
-// sum over k of (|x[r, k] - wT[k, c]| * inv[r, c])^p for an RB x (NV * L) tile.
-template <typename T, int MODE>
-static void tile_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT, int64_t ldw, int64_t D,
-                     const T* __restrict__ inv, T* __restrict__ s_out, int e, T q) {
-  const T thr = flush_below<T>(static_cast<double>(q));
-  using V = typename Vec<T>::V;
+// s[r, c] = sum_k t^p over an R x (NV * L) tile, t = d * inv[r, c] (SCALED) or t = d (the inputs
+// are already scaled), d = x[r, k] - wT[k, c]; |d| unless the exponent is an even integer (ABS
+// false). E == 1 with ABS: the plain sum of |d| (p = 1).
+template <typename T, int R, int E, bool SCALED, bool ABS>
+__attribute__((noinline)) static void fwd_pow_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT, int64_t ldw, int64_t D,
+                        const T* __restrict__ inv, T* __restrict__ s_out, unsigned e, T q) {
+  using V = LPD_V;
   constexpr int L = Vec<T>::L;
-  V acc[RB][NV];
-  V iv[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = V{};
-      iv[r][v] = MODE == kPow1 ? V{} : vload<T>(inv + r * NV * L + v * L);
-    }
+  constexpr int NT = R * NV;
+  V acc[NT];
+  V iv[NT];
+  for (int i = 0; i < NT; ++i) {
+    acc[i] = V{};
+    iv[i] = SCALED ? vload<T>(inv + i * L) : V{};
+  }
   for (int64_t k = 0; k < D; ++k) {
     const T* wk = wT + k * ldw;
     V w[NV];
     for (int v = 0; v < NV; ++v) w[v] = vload<T>(wk + v * L);
-    for (int r = 0; r < RB; ++r) {
-      const V xb = vbcast<T>(x[r * ldx + k]);
+    V t[NT];
+    for (int r = 0; r < R; ++r) {
+      const V xb = splat<T>(x[r * ldx + k]);
       for (int v = 0; v < NV; ++v) {
-        if constexpr (MODE == kPow1) {
-          acc[r][v] += vabs<T>(xb - w[v]);  // p = 1 needs no scaling
+        V d = xb - w[v];
+        if constexpr (ABS) d = vabs<T>(d);
+        if constexpr (SCALED) d = d * iv[r * NV + v];
+        t[r * NV + v] = d;
+      }
+    }
+    tile_pow<T, E, NT>(t, e, q);
+    for (int i = 0; i < NT; ++i) acc[i] += t[i];
+  }
+  for (int i = 0; i < NT; ++i) vstore<T>(s_out + i * L, acc[i]);
+}
+
+// ------------------------------------------------------- double vectors of the native width
+typedef Vec<double>::V DN;
+typedef Vec<double>::I DNI;
+constexpr int DNL = Vec<double>::L;
+typedef float HalfF __attribute__((vector_size(LPD_VB / 2)));  // DNL floats
+
+// DNL lanes at p as doubles (a float load converts in one instruction).
+template <typename T> LPD_AI DN load_dn(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    HalfF h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, DN);
+  } else {
+    return vload<double>(p);
+  }
+}
+template <typename T> LPD_AI void store_dn(T* p, DN v) {
+  if constexpr (sizeof(T) == 4) {
+    const HalfF h = __builtin_convertvector(v, HalfF);
+    __builtin_memcpy(p, &h, sizeof(h));
+  } else {
+    vstore<double>(p, v);
+  }
+}
+
+// any lane of a vector-extension comparison result (all-ones / zero int64 lanes) set
+LPD_AI bool any_lane(DNI m) {
+#if LPD_ISA == 512
+  return _mm512_test_epi64_mask((__m512i)m, (__m512i)m) != 0;
+#elif LPD_ISA == 256
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif LPD_ISA == 128
+  return _mm_movemask_pd((__m128d)m) != 0;
+#else
+  bool any = false;
+  for (int i = 0; i < DNL; ++i) any |= m[i] != 0;
+  return any;
+#endif
+}
+
+// ----------------------------------------------------------------- root of a tile (float)
+// r = s^q for positive normal s and 0 < q <= 1, lane by lane in double (the split of log2 s into
+// its exponent and mantissa parts loses no bits there); relative error ~1e-10.
+LPD_AI DN dpow_pos(DN s, double q) {
+  const DNI bits = (DNI)s;
+  const DNI ex = ((bits >> 52) & 0x7ff) - 1023;
+  DN m = (DN)((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);  // [1, 2)
+  const DNI big = m > 1.4142135623730951;
+  m = big ? m * 0.5 : m;
+  const DNI e2 = ex - big;  // big is -1 where true
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52: int <-> double by one add
+  const DN mg = DN{} + magic;
+  const DN ed = (DN)(e2 + (DNI)mg) - magic;
+  // ln m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.1716: the series to u^13 (error < 1e-13)
+  const DN u = (m - 1.0) / (m + 1.0);
+  const DN u2 = u * u;
+  DN poly = u2 * (1.0 / 13) + 1.0 / 11;
+  poly = poly * u2 + 1.0 / 9;
+  poly = poly * u2 + 1.0 / 7;
+  poly = poly * u2 + 1.0 / 5;
+  poly = poly * u2 + 1.0 / 3;
+  poly = poly * u2 + 1.0;
+  const DN log2s = ed + (2.0 * 1.4426950408889634) * u * poly;
+  const DN y = log2s * q;
+  const DN yr = (y + magic) - magic;  // round to nearest
+  const DNI n = (DNI)(y + magic) - (DNI)mg;
+  const DN g = (y - yr) * 0.6931471805599453;  // |g| <= ln(2) / 2
+  DN ex2 = g * (1.0 / 362880) + 1.0 / 40320;  // e^g, Taylor to g^9 (error < 1e-11)
+  ex2 = ex2 * g + 1.0 / 5040;
+  ex2 = ex2 * g + 1.0 / 720;
+  ex2 = ex2 * g + 1.0 / 120;
+  ex2 = ex2 * g + 1.0 / 24;
+  ex2 = ex2 * g + 1.0 / 6;
+  ex2 = ex2 * g + 0.5;
+  ex2 = ex2 * g + 1.0;
+  ex2 = ex2 * g + 1.0;
+  return ex2 * (DN)((n + 1023) << 52);
+}
+
+// The root step of NT lanes (NT a multiple of L) of one tile, in place:
+//   in:  m (the pair's max |d|, MODE_D) or nothing (the inputs were pre-scaled), s (the sum)
+//   out: out = scale * m * s^(1/p), inv = 1 / m (1 if pre-scaled), r = s^((1 - p) / p)
+// Pairs that are all zero (m = 0) give out 0, inv 0, r 0 (a zero gradient); m = inf gives out inf
+// and r NaN (the gradient of an infinite distance is undefined); NaN is patched by the caller.
+// The sum is not clamped: r must be computed from the very sum the terms produce, or the largest
+// gradient term would carry the rounding of inv amplified p - 1 times.
+template <typename T, bool MODE_D>
+static void finish_tile(int NT, double p, T scale, const T* m, const T* s, T* out, T* inv, T* r) {
+  const double q = 1.0 / p;
+  if constexpr (sizeof(T) == 4) {
+    for (int i0 = 0; i0 < NT; i0 += DNL) {
+      DN sd;
+      for (int i = 0; i < DNL; ++i) {
+        const double v = s[i0 + i];  // >= (m * inv)^p ~ 1 with MODE_D, >= 2^-60 otherwise
+        sd[i] = (v > 1e-300 && v < 1e300) ? v : 1.0;  // keeps the polynomial in range (edge lanes)
+      }
+      const DN root = p == 2.0 ? DN{} : dpow_pos(sd, q);
+      for (int i = 0; i < DNL; ++i) {
+        const double mm = MODE_D ? static_cast<double>(m[i0 + i]) : 1.0;
+        const double rt = p == 2.0 ? std::sqrt(sd[i]) : root[i];
+        const int j = i0 + i;
+        if (MODE_D && !(mm > 0.0)) {  // 0 or NaN
+          out[j] = static_cast<T>(mm);
+          if (inv) { inv[j] = T(0); r[j] = mm == 0.0 ? T(0) : static_cast<T>(NAN); }
+        } else if (MODE_D && std::isinf(mm)) {
+          out[j] = static_cast<T>(INFINITY);
+          if (inv) { inv[j] = T(0); r[j] = static_cast<T>(NAN); }
         } else {
-          acc[r][v] += vpow<T, MODE>(vabs<T>(xb - w[v]) * iv[r][v], e, q, thr);
+          out[j] = static_cast<T>(static_cast<double>(scale) * mm * rt);
+          if (inv) { inv[j] = MODE_D ? T(1) / m[j] : T(1); r[j] = static_cast<T>(rt / sd[i]); }
         }
       }
     }
+  } else {
+    for (int j = 0; j < NT; ++j) {
+      const double mm = MODE_D ? static_cast<double>(m[j]) : 1.0;
+      double sv = s[j];
+      if (!(sv > 1e-300)) sv = 1.0;  // edge lanes only (see the float branch)
+      if (MODE_D && !(mm > 0.0)) {
+        out[j] = mm;
+        if (inv) { inv[j] = 0.0; r[j] = mm == 0.0 ? 0.0 : NAN; }
+      } else if (MODE_D && std::isinf(mm)) {
+        out[j] = INFINITY;
+        if (inv) { inv[j] = 0.0; r[j] = NAN; }
+      } else {
+        const double rt = p == 2.0 ? std::sqrt(sv) : std::pow(sv, q);
+        out[j] = static_cast<double>(scale) * mm * rt;
+        if (inv) { inv[j] = MODE_D ? 1.0 / mm : 1.0; r[j] = rt / sv; }
+      }
+    }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) vstore<T>(s_out + r * NV * L + v * L, acc[r][v]);
 }
 
-// ----------------------------------------------------------------- backward
-// For rows b in [b0, b1) (multiples of BRB) and all Np rows of w:
-//   gx[b, k] += sum_n c[b, n] * sign(d) * (|d| * inv[b, n])^(p - 1),   d = x[b, k] - w[n, k]
-//   gw[n, k]  = -sum_{b in [b0, b1)} (the same terms)              (written, not added)
-// MODE is the power of p - 1 (kPow1 there means p = 2; p = 1 is SIGN_ONLY).
-template <typename T, int MODE, bool SIGN_ONLY>
-static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ cT,
-                     const T* __restrict__ iT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp,
-                     T* __restrict__ gx, T* __restrict__ gw, int e, T q) {
-  const T thr = flush_below<T>(static_cast<double>(q));
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
+// ------------------------------------------------------------------ large p: sparse, in double
+// For large p only the coordinates close to a pair's maximum matter: a term with
+// |d| <= thr * max contributes at most thr^(p-1) <= 2^-40 of the largest one (thr = 2^(-40/(p-1)),
+// the caller's thr_abs = thr * max per pair), so the whole sum, and every gradient, is fixed to
+// within D * 2^-40 by the rest. Those few terms are also where float32 is not enough: the rounding
+// of d = x - w (2^-24) is amplified p - 1 times by |d|^(p-1). So both passes below first scan the
+// tile with one float compare per vector, appending (branch-free) every vector with a lane above
+// the threshold to a list, and then compute the listed vectors in double from the exact difference
+// of the inputs (x - w of two floats is exact in double).
+
+// t^e (integer, e >= 0) by square-and-multiply, or t^q lane by lane (non-integer q), t >= 0.
+LPD_AI DN wpow(DN t, unsigned e, double q, bool integer) {
+  if (!integer) {
+    for (int i = 0; i < DNL; ++i) t[i] = t[i] > 0.0 ? std::pow(t[i], q) : 0.0;
+    return t;
+  }
+  DN r = t * 0.0 + 1.0;
+  while (e) {
+    if (e & 1u) r = r * t;
+    e >>= 1;
+    if (e) t = t * t;
+  }
+  return r;
+}
+
+// Forward, pass 2 for large p, one R x (NV * L) tile: s[r, c] = sum_k (|d| * inv[r, c])^p over the
+// terms with |d| > thr_abs[r, c], in double. list: scratch for R * NV * D entries.
+template <typename T, int R>
+__attribute__((noinline)) static void fwd_sparse_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
+                                                     int64_t ldw, int64_t D, const T* __restrict__ inv,
+                                                     const T* __restrict__ thr_abs, double* __restrict__ s, unsigned e,
+                                                     double q, bool integer, uint32_t* __restrict__ list) {
+  using V = LPD_V;
   constexpr int L = Vec<T>::L;
-  const I sign_mask = I{} + static_cast<typename Vec<T>::IS>(~Vec<T>::kAbs);
-  const V one = V{} + T(1);
+  constexpr int NT = R * NV;
+  constexpr int H = L / DNL;  // native double vectors per T vector
+  V th[NT];
+  for (int i = 0; i < NT; ++i) th[i] = vload<T>(thr_abs + i * L);
+  // the scan: one entry per k where some lane of the tile passes (one mask test per k, branch-free)
+  int64_t cnt = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const T* wk = wT + k * ldw;
+    V w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload<T>(wk + v * L);
+    auto any = vgt<T>(vabs<T>(splat<T>(x[k]) - w[0]), th[0]);
+    for (int r = 0; r < R; ++r) {
+      const V xb = splat<T>(x[r * ldx + k]);
+      for (int v = r == 0 ? 1 : 0; v < NV; ++v) any = mor<T>(any, vgt<T>(vabs<T>(xb - w[v]), th[r * NV + v]));
+    }
+    list[cnt] = static_cast<uint32_t>(k);
+    cnt += many<T>(any);
+  }
+  for (int i = 0; i < NT * L; ++i) s[i] = 0.0;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const int64_t k = list[i];
+    for (int j = 0; j < NT; ++j) {
+      const int r = j / NV, v = j % NV;
+      const DN xd = DN{} + static_cast<double>(x[r * ldx + k]);
+      for (int h = 0; h < H; ++h) {
+        const DN d = xd - load_dn<T>(wT + k * ldw + v * L + h * DNL);  // exact: the difference of two floats
+        const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
+        const DNI keep = a > load_dn<T>(thr_abs + j * L + h * DNL);
+        if (!any_lane(keep)) continue;
+        const DN t = wpow(a * load_dn<T>(inv + j * L + h * DNL), e, q, integer);
+        double* sp = s + j * L + h * DNL;
+        vstore<double>(sp, vload<double>(sp) + (DN)((DNI)t & keep));
+      }
+    }
+  }
+}
+
+// Backward for large p, rows [b0, b1) of x: as bwd_rows, but only the terms with
+// |d| > thr_abs[b, n] (given transposed, (Np, Bp), like c and inv), each computed in double.
+template <typename T>
+__attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const T* __restrict__ w,
+                                                 const T* __restrict__ cT, const T* __restrict__ iT,
+                                                 const T* __restrict__ tT, int64_t b0, int64_t b1, int64_t Bp,
+                                                 int64_t Np, int64_t Dp, T* __restrict__ gx, T* __restrict__ gw,
+                                                 unsigned e1, double q1, bool integer, uint32_t* __restrict__ list) {
+  using V = LPD_V;
+  constexpr int L = Vec<T>::L;
+  constexpr int H = L / DNL;
+  constexpr int64_t kSign = static_cast<int64_t>(0x8000000000000000ULL);
+  for (int64_t kc = 0; kc < Dp; kc += L) {
+    for (int64_t n0 = 0; n0 < Np; n0 += BRN) {
+      V wv[BRN];
+      for (int j = 0; j < BRN; ++j) wv[j] = vload<T>(w + (n0 + j) * Dp + kc);
+      int64_t cnt = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const V xv = vload<T>(x + b * Dp + kc);
+        for (int j = 0; j < BRN; ++j) {
+          list[cnt] = static_cast<uint32_t>((b - b0) * BRN + j);
+          cnt += many<T>(vgt<T>(vabs<T>(xv - wv[j]), splat<T>(tT[(n0 + j) * Bp + b])));
+        }
+      }
+      double gwa[BRN * L];
+      for (int i = 0; i < BRN * L; ++i) gwa[i] = 0.0;
+      for (int64_t i = 0; i < cnt; ++i) {
+        const int64_t b = b0 + list[i] / BRN;
+        const int j = static_cast<int>(list[i] % BRN);
+        const int64_t n = n0 + j;
+        const double iv = static_cast<double>(iT[n * Bp + b]);
+        const double th = static_cast<double>(tT[n * Bp + b]);
+        const double c = static_cast<double>(cT[n * Bp + b]);
+        for (int h = 0; h < H; ++h) {
+          const DN d = load_dn<T>(x + b * Dp + kc + h * DNL) - load_dn<T>(w + n * Dp + kc + h * DNL);  // exact
+          const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
+          const DN t = wpow(a * iv, e1, q1, integer);
+          const DN kept = (DN)((DNI)t & (DNI)(a > th));
+          const DN g = (DN)((DNI)kept | ((DNI)d & kSign)) * c;
+          T* gp = gx + b * Dp + kc + h * DNL;
+          store_dn<T>(gp, load_dn<T>(gp) + g);
+          double* wp = gwa + j * L + h * DNL;
+          vstore<double>(wp, vload<double>(wp) - g);
+        }
+      }
+      for (int j = 0; j < BRN; ++j)
+        for (int h = 0; h < H; ++h) store_dn<T>(gw + (n0 + j) * Dp + kc + h * DNL, vload<double>(gwa + j * L + h * DNL));
+    }
+  }
+}
+
+// The root step of the sparse scheme (sums in double): out = scale * s^(1/p) / inv (the distance
+// the forward's own inv implies), r = s^((1 - p) / p); edge cases as finish_tile.
+template <typename T>
+static void finish_sparse(int NT, double p, T scale, const T* m, const T* iv, const double* sd, T* out, T* inv,
+                          T* r) {
+  const double q = 1.0 / p;
+  for (int i0 = 0; i0 < NT; i0 += DNL) {
+    DN sv;
+    for (int l = 0; l < DNL; ++l) {
+      const double v = sd[i0 + l];
+      sv[l] = (v > 1e-300 && v < 1e300) ? v : 1.0;
+    }
+    DN root;
+    if constexpr (sizeof(T) == 4) {
+      root = dpow_pos(sv, q);
+    } else {
+      for (int l = 0; l < DNL; ++l) root[l] = std::pow(sv[l], q);
+    }
+    for (int l = 0; l < DNL; ++l) {
+      const int j = i0 + l;
+      const double mm = static_cast<double>(m[j]);
+      if (!(mm > 0.0)) {
+        out[j] = static_cast<T>(mm);
+        if (inv) { inv[j] = T(0); r[j] = mm == 0.0 ? T(0) : static_cast<T>(NAN); }
+      } else if (std::isinf(mm)) {
+        out[j] = static_cast<T>(INFINITY);
+        if (inv) { inv[j] = T(0); r[j] = static_cast<T>(NAN); }
+      } else {
+        out[j] = static_cast<T>(static_cast<double>(scale) * root[l] / static_cast<double>(iv[j]));
+        if (inv) { inv[j] = iv[j]; r[j] = static_cast<T>(root[l] / sv[l]); }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+// For rows b in [b0, b1) (multiples of BRB) and all Np rows of w:
+//   gx[b, k] += sum_n c[b, n] * g(d),   gw[n, k] = -sum_{b in [b0, b1)} c[b, n] * g(d)   (written)
+// with d = x[b, k] - w[n, k] and g(d) = sign(d) |d * inv[b, n]|^(p - 1): E / e / q give the power
+// p - 1 (E == 1: p = 2); SIGNED: p - 1 is an odd integer, so (d * inv)^(p - 1) carries the sign
+// itself; otherwise the sign bit of d is put on |d * inv|^(p - 1). SIGN_ONLY: p = 1, g = sign(d).
+template <typename T, int E, bool SIGN_ONLY, bool SIGNED>
+__attribute__((noinline)) static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ cT,
+                     const T* __restrict__ iT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp,
+                     T* __restrict__ gx, T* __restrict__ gw, unsigned e, T q) {
+  using V = LPD_V;
+  constexpr int L = Vec<T>::L;
+  constexpr int NT = BRB * BRN;
+  const V one = splat<T>(T(1));
   const V zero = V{};
   for (int64_t kc = 0; kc < Dp; kc += L) {
     for (int64_t n0 = 0; n0 < Np; n0 += BRN) {
@@ -338,23 +646,41 @@ static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w, const T* 
           xv[r] = vload<T>(x + (b + r) * Dp + kc);
           gxa[r] = V{};
         }
-        for (int j = 0; j < BRN; ++j) {
-          const T* crow = cT + (n0 + j) * Bp + b;
-          const T* irow = iT + (n0 + j) * Bp + b;
+        V d[NT];
+        V t[NT];
+        for (int j = 0; j < BRN; ++j)
           for (int r = 0; r < BRB; ++r) {
-            const V d = xv[r] - wv[j];
-            V s;
-            if constexpr (SIGN_ONLY) {
-              s = ((d > zero ? one : zero) - (d < zero ? one : zero)) * crow[r];
-            } else {
-              const V t = vabs<T>(d) * irow[r];
-              const V qv = vpow<T, MODE>(t, e, q, thr);
-              s = (V)((I)qv | ((I)d & sign_mask)) * crow[r];
+            d[j * BRB + r] = xv[r] - wv[j];
+            if constexpr (!SIGN_ONLY) {
+              const V iv = splat<T>(iT[(n0 + j) * Bp + b + r]);
+              t[j * BRB + r] = SIGNED ? d[j * BRB + r] * iv : vabs<T>(d[j * BRB + r]) * iv;
             }
+          }
+        if constexpr (!SIGN_ONLY) {
+          if constexpr (E == kPowReal) {
+            for (int i = 0; i < NT; ++i) t[i] = vpow_real<T>(t[i], q);
+          } else if constexpr (E == kPowInt) {
+            tile_ipow<T, NT>(t, e);
+          } else if constexpr (E > 1) {
+            tile_ipow<T, NT>(t, static_cast<unsigned>(E));
+          }
+        }
+        for (int j = 0; j < BRN; ++j)
+          for (int r = 0; r < BRB; ++r) {
+            const int i = j * BRB + r;
+            const V c = splat<T>(cT[(n0 + j) * Bp + b + r]);
+            V g;
+            if constexpr (SIGN_ONLY) {
+              g = vsel<T>(vgt<T>(d[i], zero), one, zero) - vsel<T>(vgt<T>(zero, d[i]), one, zero);
+            } else if constexpr (SIGNED) {
+              g = t[i];
+            } else {
+              g = vor<T>(t[i], vsignbit<T>(d[i]));
+            }
+            const V s = g * c;
             gxa[r] += s;
             gwa[j] -= s;
           }
-        }
         for (int r = 0; r < BRB; ++r) {
           T* gp = gx + (b + r) * Dp + kc;
           vstore<T>(gp, vload<T>(gp) + gxa[r]);
@@ -365,89 +691,19 @@ static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w, const T* 
   }
 }
 
-// ------------------------------------------------------------------ entries
-// One forward tile: RB rows of x times NV * L columns of wT. out/idx are RB x (NV * L).
-// With m_save / s_save (finite p > 1 only) the tile's max m and scaled sum s are stored too.
-template <typename T>
-static void fwd_tile_impl(const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, double p,
-                          const PowPlan& plan, T* out, int64_t* idx, T* m_save, T* s_save) {
-  constexpr int NT = RB * NV * Vec<T>::L;
-  if (p == __builtin_inf()) {
-    tile_max<T, true>(x, ldx, wT, ldw, D, out, idx);
-    return;
-  }
-  const T qf = static_cast<T>(p);
-  if (plan.sign_only) {
-    tile_sum<T, kPow1>(x, ldx, wT, ldw, D, nullptr, out, 1, qf);
-    return;
-  }
-  T m[NT], inv[NT], s[NT];
-  tile_max<T, false>(x, ldx, wT, ldw, D, m, nullptr);
-  const T big = std::numeric_limits<T>::infinity();
-  for (int i = 0; i < NT; ++i) inv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
-  switch (plan.fwd_mode) {
-    case kPow2: tile_sum<T, kPow2>(x, ldx, wT, ldw, D, inv, s, 2, qf); break;
-    case kPow8: tile_sum<T, kPow8>(x, ldx, wT, ldw, D, inv, s, 8, qf); break;
-    case kPowInt: tile_sum<T, kPowInt>(x, ldx, wT, ldw, D, inv, s, plan.e_fwd, qf); break;
-    default: tile_sum<T, kPowReal>(x, ldx, wT, ldw, D, inv, s, 0, qf); break;
-  }
-  if (m_save) {
-    for (int i = 0; i < NT; ++i) {
-      m_save[i] = m[i];
-      s_save[i] = s[i];
-    }
-  }
-  const double rp = 1.0 / p;
-  for (int i = 0; i < NT; ++i) {
-    if (m[i] == T(0) || m[i] == big) {
-      out[i] = m[i];
-    } else {
-      out[i] = static_cast<T>(static_cast<double>(m[i]) * std::pow(static_cast<double>(s[i]), rp));
-    }
-  }
-}
-
-template <typename T>
-static void bwd_rows_impl(const T* x, const T* w, const T* cT, const T* iT, int64_t b0, int64_t b1, int64_t Bp,
-                          int64_t Np, int64_t Dp, T* gx, T* gw, double p, const PowPlan& plan) {
-  const T q = static_cast<T>(p - 1.0);
-  if (plan.sign_only) {
-    bwd_rows<T, kPow1, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q);
-    return;
-  }
-  switch (plan.bwd_mode) {
-    case kPow1: bwd_rows<T, kPow1, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 1, q); break;
-    case kPow7: bwd_rows<T, kPow7, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 7, q); break;
-    case kPowInt: bwd_rows<T, kPowInt, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, plan.e_bwd, q); break;
-    default: bwd_rows<T, kPowReal, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;
-  }
-}
-
-// Non-template entry points (what the run-time dispatch of lp_dist.cpp points at).
-static void fwd_tile_f32(const float* x, int64_t ldx, const float* wT, int64_t ldw, int64_t D, double p,
-                         const PowPlan& plan, float* out, int64_t* idx, float* m_save, float* s_save) {
-  fwd_tile_impl<float>(x, ldx, wT, ldw, D, p, plan, out, idx, m_save, s_save);
-}
-static void fwd_tile_f64(const double* x, int64_t ldx, const double* wT, int64_t ldw, int64_t D, double p,
-                         const PowPlan& plan, double* out, int64_t* idx, double* m_save, double* s_save) {
-  fwd_tile_impl<double>(x, ldx, wT, ldw, D, p, plan, out, idx, m_save, s_save);
-}
-static void bwd_rows_f32(const float* x, const float* w, const float* cT, const float* iT, int64_t b0, int64_t b1,
-                         int64_t Bp, int64_t Np, int64_t Dp, float* gx, float* gw, double p, const PowPlan& plan) {
-  bwd_rows_impl<float>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, p, plan);
-}
-static void bwd_rows_f64(const double* x, const double* w, const double* cT, const double* iT, int64_t b0,
-                         int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, double* gx, double* gw, double p,
-                         const PowPlan& plan) {
-  bwd_rows_impl<double>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, p, plan);
-}
-
 }  // namespace LPD_NS
 
 // Each inclusion instantiates one copy; the parameters are cleared for the next one.
+#undef LPD_AI
+#undef LPD_V
+#undef LPD_I
+#undef LPD_M
 #undef LPD_NS
 #undef LPD_VB
+#undef LPD_ISA
 #undef LPD_RB
+#undef LPD_RBI
+#undef LPD_RBS
 #undef LPD_NV
 #undef LPD_BRB
 #undef LPD_BRN

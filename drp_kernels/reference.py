@@ -292,27 +292,75 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
 
     p = inf: ``max_k |d_k|``, its gradient the subgradient at the first arg-max coordinate.
     Finite p: ``m * (sum_k (|d_k| / m)^p)^(1/p)`` with m the pair's largest |d_k| (the same value,
-    but p = 1000 neither overflows nor underflows); the gradient is zero where the distance is 0.
+    but p = 1000 neither overflows nor underflows); the gradient ``sign(d_k) (|d_k| / out)^(p - 1)``
+    is zero where the distance is 0.
+    Non-finite input: a pair with a NaN has distance NaN, else one with an infinite coordinate has
+    distance inf. Finite p: every coordinate of such a pair's rows gets a NaN gradient. p = inf: the
+    arg-max counts NaN as the largest value, so the gradient is NaN there (sign(d) * grad for an
+    infinite coordinate).
     float32 for 16-bit inputs, float64 when x or w is float64.
     """
     cd = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-    a = (x.to(cd)[:, None, :] - w.to(cd)[None, :, :]).abs()
-    if a.shape[-1] == 0:
-        return a.sum(dim=-1)
+    d = x.to(cd)[:, None, :] - w.to(cd)[None, :, :]
+    if d.shape[-1] == 0:
+        return d.abs().sum(dim=-1)
     if p == math.inf:
-        return a.gather(-1, a.argmax(dim=-1, keepdim=True)).squeeze(-1)
-    return scaled_pnorm(a, p)
+        return _LinfOfLastDim.apply(d)
+    return _PnormOfLastDim.apply(d, float(p))
 
 
 def scaled_pnorm(a: torch.Tensor, p: float) -> torch.Tensor:
     """The p-norm over the last dimension of magnitudes ``a >= 0`` (non-empty), computed as
     ``m * (sum_k (a_k / m)^p)^(1/p)`` with m the largest a_k, so p = 1000 neither overflows nor
-    underflows; 0 where every a_k is 0 (with a zero gradient there). p = inf: the maximum."""
+    underflows; 0 where every a_k is 0, NaN where some a_k is NaN, else inf where some a_k is inf.
+    p = inf: the maximum."""
     if p == math.inf:
         return a.amax(dim=-1)
-    m = a.amax(dim=-1, keepdim=True)
-    nonzero = m > 0
-    m_safe = torch.where(nonzero, m, torch.ones_like(m))
+    m = a.amax(dim=-1, keepdim=True)  # NaN if any a_k is NaN
+    ok = (m > 0) & m.isfinite()
+    m_safe = torch.where(ok, m, torch.ones_like(m))
     s = ((a / m_safe) ** p).sum(dim=-1, keepdim=True)
-    s_safe = torch.where(nonzero, s, torch.ones_like(s))
-    return torch.where(nonzero, m_safe * s_safe ** (1.0 / p), torch.zeros_like(m)).squeeze(-1)
+    s_safe = torch.where(ok, s, torch.ones_like(s))
+    return torch.where(ok, m_safe * s_safe ** (1.0 / p), m).squeeze(-1)
+
+
+class _PnormOfLastDim(torch.autograd.Function):
+    """scaled_pnorm(|d|, p) with the gradient written out: ``sign(d_k) (|d_k| / out)^(p - 1)``,
+    0 where out is 0 and NaN where out is not finite."""
+
+    @staticmethod
+    def forward(ctx, d, p):
+        out = scaled_pnorm(d.abs(), p)
+        ctx.save_for_backward(d, out)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        d, out = ctx.saved_tensors
+        o = out[..., None]
+        ok = (o > 0) & o.isfinite()
+        o_safe = torch.where(ok, o, torch.ones_like(o))
+        weight = torch.sign(d) * (d.abs() / o_safe) ** (ctx.p - 1.0)  # |d_k| / out <= 1: no overflow
+        weight = torch.where(ok, weight, torch.where(o == 0, 0.0, math.nan))
+        return g[..., None] * weight, None
+
+
+class _LinfOfLastDim(torch.autograd.Function):
+    """max_k |d_k| over the last dimension, its gradient ``sign(d_k) * grad`` at the first arg-max
+    k, where NaN counts as the largest value (and its sign is NaN)."""
+
+    @staticmethod
+    def forward(ctx, d):
+        a = d.abs()
+        nan = a.isnan()
+        k = torch.where(nan.any(dim=-1), nan.to(torch.uint8).argmax(dim=-1), a.argmax(dim=-1))[..., None]
+        ctx.save_for_backward(d, k)
+        return a.gather(-1, k).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        d, k = ctx.saved_tensors
+        dk = d.gather(-1, k)
+        sign = torch.where(dk.isnan(), dk, torch.sign(dk))
+        return torch.zeros_like(d).scatter_(-1, k, g[..., None] * sign)

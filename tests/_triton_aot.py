@@ -372,14 +372,22 @@ def _scenarios_lp_dist(dtypes, quick):
     shapes = SHAPES[1:] if quick else SHAPES
     for dt in dtypes.values():
         for b, n, d in shapes:
-            for p in (1.0, 2.0, 8.0, 5.0, 3.5, 1000.0, 40.5, float("inf")):  # > 16: recompute path
-                def run(dt=dt, b=b, n=n, d=d, p=p):
-                    x = torch.empty((b, d), device="cuda", dtype=dt)
-                    w = torch.empty((n, d), device="cuda", dtype=dt)
-                    out, idx = lp.lp_dist_forward(x, w, p)
-                    lp.lp_dist_backward(torch.empty_like(out), x, w, out, idx, p, True, True)
+            for p in (1.0, 2.0, 8.0, 5.0, 3.5, 1000.0, 40.5, float("inf")):
+                for stats in (False, True):
+                    def run(dt=dt, b=b, n=n, d=d, p=p, stats=stats):
+                        x = torch.empty((b, d), device="cuda", dtype=dt)
+                        w = torch.empty((n, d), device="cuda", dtype=dt)
+                        out, idx, inv, r = lp.lp_dist_forward(x, w, p, stats)
+                        if stats:
+                            lp.lp_dist_backward(torch.empty_like(out), x, w, out, idx, inv, r, p, True, True)
 
-                yield f"lp_dist p={p} {dt} B,N,D={b},{n},{d}", run
+                    yield f"lp_dist p={p} stats={stats} {dt} B,N,D={b},{n},{d}", run
+        if not quick:  # the float64 max path (p = inf)
+            def run64():
+                x = torch.empty((64, 32), device="cuda", dtype=torch.float64)
+                lp.lp_dist_forward(x, x, float("inf"), True)
+
+            yield "lp_dist p=inf float64", run64
 
 
 SCENARIOS = {"proto_loss": _scenarios_proto_loss, "repulsion": _scenarios_repulsion,

@@ -287,16 +287,17 @@ def test_opcheck(use_triton, p):
     x, w = _inputs(5, 6, 7)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    torch.library.opcheck(torch.ops.drp.lp_dist.default, (x, w, p, use_triton))
+    torch.library.opcheck(torch.ops.drp.lp_dist.default, (x, w, p, use_triton, True))
 
 
 def test_opcheck_cpp_ops():
     x, w = _inputs(5, 6, 7)
-    for p in (2.0, INF):
-        out, idx = torch.ops.drp.lp_dist_cpu_forward(x, w, p)
-        torch.library.opcheck(torch.ops.drp.lp_dist_cpu_forward.default, (x, w, p))
+    for p in (1.0, 2.0, 40.0, INF):
+        for stats in (False, True):
+            torch.library.opcheck(torch.ops.drp.lp_dist_cpu_forward.default, (x, w, p, stats))
+        out, idx, inv, r = torch.ops.drp.lp_dist_cpu_forward(x, w, p, True)
         torch.library.opcheck(torch.ops.drp.lp_dist_cpu_backward.default,
-                              (torch.ones_like(out), x, w, out, idx, p, True, True))
+                              (torch.ones_like(out), x, w, out, idx, inv, r, p, True, True))
 
 
 @pytest.mark.parametrize("name", ["cpp", "triton"])
@@ -353,11 +354,11 @@ def test_bad_input_errors_name_the_argument(case, name, backend):
 
 def test_cpp_op_validates_too():
     with pytest.raises(ValueError, match="feature dimensions"):
-        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 5), 2.0)
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 5), 2.0, False)
     with pytest.raises(ValueError, match="p must be"):
-        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 3), 0.5)
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3), torch.zeros(4, 3), 0.5, False)
     with pytest.raises(ValueError, match="x must be float32"):
-        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3), 2.0)
+        torch.ops.drp.lp_dist_cpu_forward(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3), 2.0, False)
 
 
 # ------------------------------------------------------------------------- LpDist
@@ -484,3 +485,133 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     wanted = {f"lp_dist.{k}" for k in lines[0]["defined_kernels"]["lp_dist"]}
     assert wanted <= compiled, f"never compiled: {wanted - compiled}"
     assert all(r["cubin_bytes"] > 0 for r in results)
+
+
+# -------------------------------------------------------- accuracy targets, schemes, non-finite
+TARGET_PS = [1.0, 1.5, 2.0, 3.0, 8.0, 9.0, 64.0, 1000.0, 1e6, INF]
+
+
+def _identity_like(b, n, d, seed):
+    """x ~ N(0, 1), w ~ N(0, 1) with w[n, n mod d] = -10: the LpDist identity init, whose pairs have
+    one dominant coordinate (the large-p scheme's best case) next to plain Gaussian pairs (its worst)."""
+    x, w = _inputs(b, n, d, seed=seed)
+    w[torch.arange(n), torch.arange(n) % d] = -10.0
+    w[n // 2:] = torch.randn(n - n // 2, d, generator=torch.Generator().manual_seed(seed + 1))
+    return x, w
+
+
+def _errors(ker, truth):
+    """(max relative error of out, norm-wise relative errors of grad_x and grad_w)."""
+    out, gx, gw = (t.double() for t in ker)
+    t_out, t_gx, t_gw = truth
+    rel_out = ((out - t_out).abs() / t_out.abs().clamp_min(1e-300)).max().item()
+    return (rel_out, ((gx - t_gx).norm() / t_gx.norm()).item(), ((gw - t_gw).norm() / t_gw.norm()).item())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", TARGET_PS)
+def test_float32_accuracy_targets(isa, p, backend, monkeypatch):
+    """The kernels' accuracy contract against a float64 reference on the same float32 inputs:
+    out within 1e-6 relative, each gradient within 1e-5 norm-wise, with D = 130 (no multiple of any
+    vector width), on every SIMD copy (one the CPU lacks falls back to a narrower one)."""
+    backend("cpp")
+    monkeypatch.setenv("DRP_CPU_ISA", isa)
+    x, w = _identity_like(37, 53, 130, seed=11)
+    truth = _run(_ref, x.double(), w.double(), p)
+    rel_out, rel_gx, rel_gw = _errors(_run(_api, x, w, p), truth)
+    assert rel_out <= 1e-6, f"out: max relative error {rel_out:.3e}"
+    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
+
+
+@pytest.mark.parametrize("p", [33.0, 64.0, 40.5, 1000.0, 1e6])
+def test_sparse_scheme_agrees_with_every_term(p, backend, monkeypatch):
+    """Above p = 32 the kernels skip the terms below 2^-40 of a pair's largest one;
+    DRP_LP_DIST_SKIP_BITS=0 computes all of them. Both agree to the accuracy contract, and the knob
+    is live: skipping everything below 2^-1 changes the result."""
+    backend("cpp")
+    x, w = _identity_like(29, 41, 70, seed=12)
+    x = x * 0.3  # bring the Gaussian coordinates near each pair's maximum: many terms matter
+    skipping = _run(_api, x, w, p)
+    monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "0")
+    every = _run(_api, x, w, p)
+    rel_out, rel_gx, rel_gw = _errors(skipping, tuple(t.double() for t in every))
+    assert rel_out <= 1e-6 and rel_gx <= 1e-5 and rel_gw <= 1e-5, (rel_out, rel_gx, rel_gw)
+    if p < 1e5:  # at p = 1e6 only near-exact ties matter, whatever the threshold
+        monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "1")
+        coarse = _run(_api, x, w, p)
+        assert not torch.allclose(coarse[1], every[1], rtol=1e-3, atol=0), "the skip threshold has no effect"
+
+
+def test_skip_bits_is_validated(backend, monkeypatch):
+    backend("cpp")
+    monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "many")
+    x, w = _inputs(3, 4, 5)
+    with pytest.raises(ValueError, match="DRP_LP_DIST_SKIP_BITS"):
+        lp_dist(x, w, p=100.0)
+
+
+@pytest.mark.parametrize("p", [3.0, 8.0, 16.0])
+def test_prescaled_scheme_redoes_tiny_pairs(p, backend):
+    """Up to p = 16 the kernels divide x and w by one power of two and sum |d|^p in one pass; a tile
+    holding a pair far smaller than the largest inputs is redone with two passes. Such a pair (its
+    distance 1e-6 of the inputs' scale) stays exact, and so does its gradient."""
+    backend("cpp")
+    x, w = _inputs(9, 12, 30, seed=13)
+    x, w = x * 100.0, w * 100.0
+    w[5] = x[2] + 1e-4 * torch.randn(30, generator=torch.Generator().manual_seed(3))
+    truth = _run(_ref, x.double(), w.double(), p)
+    ker = _run(_api, x, w, p)
+    assert ker[0][2, 5].item() > 0
+    rel_out, rel_gx, rel_gw = _errors(ker, truth)
+    assert rel_out <= 1e-6 and rel_gx <= 1e-5 and rel_gw <= 1e-5, (rel_out, rel_gx, rel_gw)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 8.0, 12.5, 40.0, 1000.0, INF])
+def test_nonfinite_inputs_agree_on_every_backend(p, backend):
+    """A pair with a NaN has distance NaN, else one with an infinite coordinate inf. Finite p: every
+    coordinate of such a pair's rows gets a NaN gradient; p = inf: the gradient sits at the first
+    arg-max, NaN counting as the largest value. The same on the C++ kernels, Triton and the reference."""
+    x, w = _inputs(5, 6, 11, seed=14)
+    x[1, 3] = math.nan
+    x[2, 7] = math.inf
+    w[4, 2] = -math.inf
+    w[3, 5] = math.nan
+    up = _upstream(5, 6, torch.float32)
+    got = {}
+    for name in ("cpp", "triton", "reference"):
+        backend(name)
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = lp_dist(xr, wr, p=p)
+        gx, gw = torch.autograd.grad(out, (xr, wr), up)
+        got[name] = (out.detach(), gx, gw)
+    out = got["reference"][0]
+    assert out[1].isnan().all() and out[:, 3].isnan().all()
+    assert out[2, [0, 1, 2, 5]].isinf().all() and out[[0, 3], 4].isinf().all()
+    if p != INF:  # every coordinate of a non-finite pair's rows
+        assert got["reference"][1][[1, 2]].isnan().all() and got["reference"][2][[3, 4]].isnan().all()
+    else:  # only the arg-max coordinate of each non-finite pair
+        assert got["reference"][1][1].isnan().sum() == 1 and got["reference"][1][2, 7].item() != 0
+    for name in ("cpp", "triton"):
+        for nm, a, b in zip(("out", "grad_x", "grad_w"), got[name], got["reference"]):
+            assert_verbose_allclose(a, b, atol=1e-5, rtol=1e-5, name=f"{name} {nm} p={p}")
+
+
+def test_inf_forward_without_gradient_matches():
+    """p = inf without a gradient skips the arg-max index: same values as with one, float32 and 64."""
+    for dt in (torch.float32, torch.float64):
+        x, w = _inputs(33, 47, 91, seed=15, dtype=dt)
+        plain = lp_dist(x, w, p=INF)
+        with_grad = lp_dist(x.clone().requires_grad_(True), w, p=INF)
+        assert torch.equal(plain, with_grad.detach())
+        out, idx, _, _ = torch.ops.drp.lp_dist_cpu_forward(x, w, INF, False)
+        assert idx.numel() == 0 and torch.equal(out, plain)
+
+
+def test_callers_denormal_mode_is_restored():
+    """The kernels run with flush-to-zero set in their workers; the caller's mode is restored."""
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0  # denormals work here
+    x, w = _inputs(64, 64, 64)
+    for p in (8.0, 100.0, INF):
+        lp_dist(x, w, p=p)
+        assert (tiny * 1.0).item() != 0.0, f"denormals flushed after p={p}"

@@ -9,24 +9,27 @@ and ``register_autograd``; its flag ``use_triton`` is fixed per call by ``lp_dis
   ``drp_kernels._C`` (``csrc/lp_dist.cpp``: SIMD micro-kernels blocked over (B, N) like a GEMM,
   ``at::parallel_for``, fused backward). float64 runs them in double.
 * CUDA tensors (and CPU tensors with ``DRP_BACKEND=triton`` under ``TRITON_INTERPRET=1``): the
-  Triton kernels below. float64 on CUDA runs ``drp_kernels.reference.lp_dist``.
+  Triton kernels below. float64 on CUDA runs them at p = inf (a float64 max) and
+  ``drp_kernels.reference.lp_dist`` at finite p.
 
 Triton layout (the shape of a GEMM, not a 3-D broadcast): ``_lp_dist_fwd_kernel`` gives each
 program a (BLOCK_B, BLOCK_N) register tile of the output and walks k = 0..D-1, loading one
 column of x and one of w per step (on CUDA both operands are passed transposed, (D, B) and
 (D, N), so these loads are coalesced; that is one O((B + N) D) copy each). p = inf keeps the
-running max and the first arg-max k; finite p runs two passes over k, the max m and then
-``sum (|d| / m)^p``, so p = 1000 neither overflows nor underflows. The finite-p backward is
-``_lp_dist_bwd_kernel``, launched twice: once with x as the owned operand (grad_x tiles of
-(BLOCK_R, BLOCK_K), looping over the N rows of w) and once with w (grad_w tiles, looping over the
-B rows of x), so every program owns its output tile and no atomics are needed. Its per-pair
-weights are ``grad`` and ``1 / out`` for p <= 16; for larger p the rounding error of ``out`` would
-be amplified p - 1 times, so the forward kernel recomputes each pair's max and scaled sum (two
-passes) and the weights become ``grad * s^((1 - p) / p)`` and ``1 / m``. The p = inf backward is
-a scatter-add of ``sign(d) * grad`` at the saved arg-max (O(B N) torch ops).
+running max and, when a gradient is needed, the first arg-max k; finite p runs two passes over k,
+the max m and then ``sum (|d| * inv)^p`` with ``inv = 1 / m``, so p = 1000 neither overflows nor
+underflows. The finite-p backward is ``_lp_dist_bwd_kernel``, launched twice: once with x as the
+owned operand (grad_x tiles of (BLOCK_R, BLOCK_K), looping over the N rows of w) and once with w
+(grad_w tiles, looping over the B rows of x), so every program owns its output tile and no
+atomics are needed. Its per-pair weights are the forward's own ``inv`` and ``c = grad * r`` with
+``r = s^((1 - p) / p)``, so the gradient carries exactly the forward's scaling at any p. The
+p = inf backward is a scatter-add of ``sign(d) * grad`` at the saved arg-max (O(B N) torch ops).
 
-The forward saves only ``out`` and, for p = inf, the (B, N) int64 arg-max index.
-NaN in a row of x or w gives NaN distances for that row.
+The forward saves (when a gradient is needed) the (B, N) int64 arg-max index for p = inf, and the
+(B, N) ``inv`` and ``r`` for finite p > 1; the C++ kernels save the same (``csrc/lp_dist.cpp``).
+Non-finite input: a pair with a NaN has distance NaN, else one with an infinite coordinate has
+distance inf; at finite p every coordinate of such a pair's rows gets a NaN gradient, at p = inf
+the gradient sits at the first arg-max (NaN counting as the largest value), on every backend.
 The module imports without triton; the Triton path then raises a clear error.
 """
 from __future__ import annotations
@@ -53,7 +56,7 @@ else:  # pragma: no cover - exercised by the no-triton import test in a subproce
     triton = None
     tl = None
 
-__all__ = ["lp_dist", "lp_dist_forward", "lp_dist_backward", "lp_dist_op"]
+__all__ = ["lp_dist", "lp_dist_forward", "lp_dist_backward"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -71,7 +74,7 @@ def _pow_mode(q: float) -> Tuple[int, int]:
         return int(q), int(q)
     if q == math.floor(q) and q <= 1.0e6:
         return _POW_INT, int(q)
-    return _POW_REAL, 0
+    return _POW_REAL, int(math.floor(q))  # t^q = t^floor(q) * t^(q - floor(q))
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -105,65 +108,90 @@ if tu.HAS_TRITON:
                 b = b * b
                 ee = ee // 2
         else:
-            r = tl.where(t > 0, tl.exp2(q * tl.log2(tl.where(t > 0, t, 1.0))), 0.0)
+            # t^q = t^floor(q) * t^(q - floor(q)): e = floor(q) by repeated squaring, the fraction by
+            # the approximate exp2 / log2, whose error scales with the fraction (< 1), not with q
+            r = tl.full(t.shape, 1.0, tl.float32)
+            b = t
+            ee = e
+            while ee > 0:
+                if ee % 2 == 1:
+                    r = r * b
+                b = b * b
+                ee = ee // 2
+            qf = q - e
+            r = r * tl.where(t > 0, tl.exp2(qf * tl.log2(tl.where(t > 0, t, 1.0))), 0.0)
         return r
 
     @triton.jit
-    def _lp_dist_fwd_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, m_ptr, s_ptr, B, N, D, stride_xb, stride_xk, stride_wn,
-                            stride_wk, p, inv_p, e_fwd, IS_INF: tl.constexpr, POW: tl.constexpr, STATS: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out (and idx for p = inf) of a (BLOCK_B, BLOCK_N) tile; with STATS also m = max |d| and
-        s = sum (|d| / m)^p (finite p > 1), which the backward of a large p needs."""
+    def _lp_dist_fwd_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, inv_ptr, r_ptr, B, N, D, stride_xb, stride_xk,
+                            stride_wn, stride_wk, p, inv_p, e_fwd, IS_INF: tl.constexpr, POW: tl.constexpr,
+                            STATS: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        """out of a (BLOCK_B, BLOCK_N) tile; with STATS also idx (p = inf) or, for finite p > 1, the
+        backward's per-pair inv = 1 / m (the very value pass 2 scaled by) and r = s^((1 - p) / p).
+        F64 (p = inf only): float64 loads and maximum, for float64 inputs."""
         pid_b = tl.program_id(0).to(tl.int64)
         pid_n = tl.program_id(1).to(tl.int64)
         p = tl.cast(p, tl.float32)
         inv_p = tl.cast(inv_p, tl.float32)
+        acc_t = tl.float64 if F64 else tl.float32
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < B
         cmask = cols < N
         x_row = x_ptr + rows * stride_xb
         w_row = w_ptr + cols * stride_wn
-        m = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        m = tl.zeros((BLOCK_B, BLOCK_N), dtype=acc_t)
         if IS_INF:
             idx = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.int32)
             for k in range(0, D):
-                xk = tl.load(x_row + k * stride_xk, mask=rmask, other=0.0).to(tl.float32)
-                wk = tl.load(w_row + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+                k64 = tl.cast(k, tl.int64)
+                xk = tl.load(x_row + k64 * stride_xk, mask=rmask, other=0.0).to(acc_t)
+                wk = tl.load(w_row + k64 * stride_wk, mask=cmask, other=0.0).to(acc_t)
                 a = tl.abs(xk[:, None] - wk[None, :])
-                idx = tl.where(a > m, k, idx)
+                if STATS:
+                    # the first arg-max, NaN counting as the largest value (as torch.argmax)
+                    idx = tl.where((a > m) | ((a != a) & (m == m)), k, idx)
                 m = tl.maximum(m, a, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out
             res = m
         else:
             if POW == 0:  # p = 1: a plain sum, no scaling needed
                 s = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
                 for k in range(0, D):
-                    xk = tl.load(x_row + k * stride_xk, mask=rmask, other=0.0).to(tl.float32)
-                    wk = tl.load(w_row + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+                    k64 = tl.cast(k, tl.int64)
+                    xk = tl.load(x_row + k64 * stride_xk, mask=rmask, other=0.0).to(tl.float32)
+                    wk = tl.load(w_row + k64 * stride_wk, mask=cmask, other=0.0).to(tl.float32)
                     s += tl.abs(xk[:, None] - wk[None, :])
                 res = s
             else:
                 for k in range(0, D):
-                    xk = tl.load(x_row + k * stride_xk, mask=rmask, other=0.0).to(tl.float32)
-                    wk = tl.load(w_row + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+                    k64 = tl.cast(k, tl.int64)
+                    xk = tl.load(x_row + k64 * stride_xk, mask=rmask, other=0.0).to(tl.float32)
+                    wk = tl.load(w_row + k64 * stride_wk, mask=cmask, other=0.0).to(tl.float32)
                     m = tl.maximum(m, tl.abs(xk[:, None] - wk[None, :]), propagate_nan=tl.PropagateNan.ALL)
                 finite = (m > 0) & (m < float("inf"))
                 inv = tl.where(finite, 1.0 / tl.where(finite, m, 1.0), 0.0)
                 s = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
                 for k in range(0, D):
-                    xk = tl.load(x_row + k * stride_xk, mask=rmask, other=0.0).to(tl.float32)
-                    wk = tl.load(w_row + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+                    k64 = tl.cast(k, tl.int64)
+                    xk = tl.load(x_row + k64 * stride_xk, mask=rmask, other=0.0).to(tl.float32)
+                    wk = tl.load(w_row + k64 * stride_wk, mask=cmask, other=0.0).to(tl.float32)
                     s += _pow(tl.abs(xk[:, None] - wk[None, :]) * inv, e_fwd, p, POW)
-                root = tl.exp2(tl.log2(tl.where(finite, s, 1.0)) * inv_p)
-                res = tl.where(finite, m * root, m)
+                # s >= (m * inv)^p, which is 1 up to the rounding of inv; the guard keeps log2 finite
+                # for p beyond ~1e9 (where that rounding alone can underflow the largest term)
+                s = tl.maximum(s, 1e-30)
+                root = tl.exp2(tl.log2(s) * inv_p)
+                res = tl.where(finite, m * root, tl.where(m == 0, 0.0, tl.where(m != m, m, float("inf"))))
         omask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * N + cols[None, :]
         tl.store(out_ptr + offs, res, mask=omask)
-        if IS_INF:
-            tl.store(idx_ptr + offs, idx.to(tl.int64), mask=omask)
         if STATS:
-            tl.store(m_ptr + offs, m, mask=omask)
-            tl.store(s_ptr + offs, s, mask=omask)
+            if IS_INF:
+                tl.store(idx_ptr + offs, idx.to(tl.int64), mask=omask)
+            elif POW != 0:
+                r = tl.where(finite, root / s, tl.where(m == 0, 0.0, float("nan")))
+                tl.store(inv_ptr + offs, inv, mask=omask)
+                tl.store(r_ptr + offs, r, mask=omask)
 
     @triton.jit
     def _lp_dist_bwd_kernel(a_ptr, o_ptr, c_ptr, inv_ptr, ga_ptr, R, M, D, stride_ar, stride_ak, stride_om,
@@ -188,23 +216,30 @@ if tu.HAS_TRITON:
         c_row = c_ptr + rows * stride_cr
         inv_row = inv_ptr + rows * stride_cr
         for mi in range(0, M):
-            o = tl.load(o_ptr + mi * stride_om + ks * stride_ok, mask=kmask, other=0.0).to(tl.float32)
-            c = tl.load(c_row + mi * stride_cm, mask=rmask, other=0.0)
+            m64 = tl.cast(mi, tl.int64)
+            o = tl.load(o_ptr + m64 * stride_om + ks * stride_ok, mask=kmask, other=0.0).to(tl.float32)
+            c = tl.load(c_row + m64 * stride_cm, mask=rmask, other=0.0)
             d = a - o[None, :]
             sg = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             if SIGN_ONLY:
                 acc += sg * c[:, None]
             else:
-                inv = tl.load(inv_row + mi * stride_cm, mask=rmask, other=0.0)
+                inv = tl.load(inv_row + m64 * stride_cm, mask=rmask, other=0.0)
                 acc += sg * _pow(tl.abs(d) * inv[:, None], e_bwd, q, POW) * c[:, None]
         tl.store(ga_ptr + rows[:, None] * stride_gar + ks[None, :], acc, mask=rmask[:, None] & kmask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
-def _fwd_meta(x: torch.Tensor) -> dict:
+def _fwd_meta(x: torch.Tensor, b: int, n: int) -> dict:
     if tu.interpreting(x):
         return {"BLOCK_B": 32, "BLOCK_N": 32}
-    return {"BLOCK_B": 64, "BLOCK_N": 128, "num_warps": 8}
+    # the largest tile that still gives every SM a few programs (a 10-class head or B = N = 512 would
+    # leave most of a GPU idle with 64 x 128 tiles)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    for bb, bn, warps in ((64, 128, 8), (64, 64, 4), (32, 64, 4), (32, 32, 4), (16, 32, 2)):
+        if tu.cdiv(b, bb) * tu.cdiv(n, bn) >= 2 * sms:
+            break
+    return {"BLOCK_B": bb, "BLOCK_N": bn, "num_warps": warps}
 
 
 def _bwd_meta(x: torch.Tensor) -> dict:
@@ -223,96 +258,83 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _launch_forward(x, w, p, *, stats):
-    """(out, idx, m, s): idx for p = inf, m and s with stats (finite p > 1), else empty."""
+def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float, stats: bool = False):
+    """Triton forward: (out, idx, inv, r). out (B, N) is fp32 (fp64 for float64 inputs at p = inf);
+    with ``stats`` idx (B, N) int64 for p = inf, and inv, r (B, N) fp32 for finite p > 1 (what the
+    backward needs); the others are (0, 0)."""
+    tu.require_triton()
     b, d = x.shape
     n = w.shape[0]
     is_inf = p == math.inf
-    out = torch.empty((b, n), device=x.device, dtype=torch.float32)
-    idx = torch.empty((b, n) if is_inf else (0, 0), device=x.device, dtype=torch.int64)
-    m = torch.empty((b, n) if stats else (0, 0), device=x.device, dtype=torch.float32)
-    s = torch.empty_like(m)
+    f64 = is_inf and torch.float64 in (x.dtype, w.dtype)
+    want_idx = stats and is_inf
+    want_ir = stats and not is_inf and p != 1.0
+    out = torch.empty((b, n), device=x.device, dtype=torch.float64 if f64 else torch.float32)
+    idx = torch.empty((b, n) if want_idx else (0, 0), device=x.device, dtype=torch.int64)
+    inv = torch.empty((b, n) if want_ir else (0, 0), device=x.device, dtype=torch.float32)
+    r = torch.empty_like(inv)
     if b == 0 or n == 0:
-        return out, idx, m, s
+        return out, idx, inv, r
     if d == 0:
-        return out.zero_(), idx.zero_(), m.zero_(), s.zero_()
+        return out.zero_(), idx.zero_(), inv.zero_(), r.zero_()
     xo, wo = _operand(x), _operand(w)
     pow_mode, e = (_POW_ONE, 1) if is_inf or p == 1.0 else _pow_mode(p)
-    meta = _fwd_meta(x)
+    meta = _fwd_meta(x, b, n)
     grid = (tu.cdiv(b, meta["BLOCK_B"]), tu.cdiv(n, meta["BLOCK_N"]))
     with tu.on_device(x):
-        _lp_dist_fwd_kernel[grid](xo, wo, out, idx if is_inf else out, m if stats else out, s if stats else out,
-                                  b, n, d, xo.stride(0), xo.stride(1), wo.stride(0), wo.stride(1),
-                                  float(p if not is_inf else 1.0), float(1.0 / p if not is_inf else 1.0), int(e),
-                                  IS_INF=is_inf, POW=pow_mode, STATS=stats, **meta)
-    return out, idx, m, s
-
-
-def lp_dist_forward(x: torch.Tensor, w: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, N) fp32, idx (B, N) int64 for p = inf else (0, 0))."""
-    tu.require_triton()
-    out, idx, _, _ = _launch_forward(x, w, p, stats=False)
-    return out, idx
-
-
-#: Above this p the backward recomputes each pair's max and scaled sum instead of using 1 / out
-#: (whose rounding error the weight (|d| / out)^(p - 1) would amplify p - 1 times).
-RECOMPUTE_P = 16.0
-
-
-def _pair_weights(g, x, w, out, p):
-    """Per-pair fp32 (c, inv) of the finite-p backward: weight = sign(d) * c * (|d| * inv)^(p - 1).
-
-    p <= RECOMPUTE_P: c = grad (0 where out is 0), inv = 1 / out. Larger p: m = max |d| and
-    s = sum (|d| / m)^p are recomputed by the forward kernel, c = grad * s^((1 - p) / p), inv = 1 / m.
-    """
-    if p <= RECOMPUTE_P:
-        zero = out == 0
-        c = torch.where(zero, 0.0, g)
-        inv = torch.where(zero | out.isinf(), 0.0, out.reciprocal())
-        return c.contiguous(), inv.contiguous()
-    o, _, m, s = _launch_forward(x, w, p, stats=True)
-    usable = (m > 0) & m.isfinite()
-    factor = s.double().pow((1.0 - p) / p).float()
-    c = torch.where(usable, g * factor, 0.0)
-    c = torch.where(o.isnan(), math.nan, c)
-    inv = torch.where(usable, m.reciprocal(), 0.0)
-    return c.contiguous(), inv.contiguous()
+        _lp_dist_fwd_kernel[grid](xo, wo, out, idx if want_idx else out, inv if want_ir else out,
+                                  r if want_ir else out, b, n, d, xo.stride(0), xo.stride(1), wo.stride(0),
+                                  wo.stride(1), float(p if not is_inf else 1.0), float(1.0 / p if not is_inf else 1.0),
+                                  int(e), IS_INF=is_inf, POW=pow_mode, STATS=stats, F64=f64, **meta)
+    return out, idx, inv, r
 
 
 def lp_dist_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, idx: torch.Tensor,
-                     p: float, need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton backward: (grad_x like x or (0,), grad_w like w or (0,))."""
+                     inv: torch.Tensor, r: torch.Tensor, p: float, need_x: bool,
+                     need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton backward: (grad_x like x or (0,), grad_w like w or (0,)), from the forward's stats.
+
+    Finite p: the weight of coordinate k is ``c * sign(d_k) |d_k * inv|^(p - 1)`` with
+    ``c = grad * r``, the forward's own inv and r (so the gradient is exactly what the forward's
+    scaling implies); p = 1: ``c * sign(d_k)``; p = inf: a scatter-add at the saved arg-max.
+    """
     tu.require_triton()
     b, d = x.shape
     n = w.shape[0]
-    gx = torch.zeros((b, d), device=x.device, dtype=torch.float32)
-    gw = torch.zeros((n, d), device=x.device, dtype=torch.float32)
+    acc = torch.float64 if (p == math.inf and torch.float64 in (x.dtype, w.dtype)) else torch.float32
+    gx = torch.zeros((b, d), device=x.device, dtype=acc)
+    gw = torch.zeros((n, d), device=x.device, dtype=acc)
     if b and n and d and (need_x or need_w):
-        g = grad.to(torch.float32)
+        g = grad.to(acc)
         if p == math.inf:
-            # a scatter-add of sign(d) * grad at the saved first arg-max coordinate
-            xs = x.to(torch.float32).gather(1, idx)
-            ws = w.to(torch.float32).gather(1, idx.t()).t()
-            s = torch.sign(xs - ws) * g
+            # a scatter-add of sign(d) * grad at the saved first arg-max coordinate (NaN stays NaN)
+            xs = x.to(acc).gather(1, idx)
+            ws = w.to(acc).gather(1, idx.t()).t()
+            diff = xs - ws
+            s = torch.where(diff.isnan(), diff, torch.sign(diff)) * g  # torch.sign(NaN) is 0
             if need_x:
                 gx.scatter_add_(1, idx, s)
             if need_w:
                 gw.scatter_add_(1, idx.t(), -s.t())
         else:
-            c, inv = _pair_weights(g, x, w, out, p)
             sign_only = p == 1.0
+            if sign_only:
+                c = torch.where(out.isfinite(), g, math.nan).contiguous()
+                iv = c
+            else:
+                c = (g * r).contiguous()
+                iv = inv.contiguous()
             pow_mode, e = (_POW_ONE, 0) if sign_only else _pow_mode(p - 1.0)
             meta = _bwd_meta(x)
             with tu.on_device(x):
                 if need_x:
                     grid = (tu.cdiv(b, meta["BLOCK_R"]), tu.cdiv(d, meta["BLOCK_K"]))
-                    _lp_dist_bwd_kernel[grid](x, w, c, inv, gx, b, n, d, x.stride(0), x.stride(1), w.stride(0),
+                    _lp_dist_bwd_kernel[grid](x, w, c, iv, gx, b, n, d, x.stride(0), x.stride(1), w.stride(0),
                                               w.stride(1), c.stride(0), c.stride(1), gx.stride(0),
                                               float(p - 1.0), int(e), SIGN_ONLY=sign_only, POW=pow_mode, **meta)
                 if need_w:
                     grid = (tu.cdiv(n, meta["BLOCK_R"]), tu.cdiv(d, meta["BLOCK_K"]))
-                    _lp_dist_bwd_kernel[grid](w, x, c, inv, gw, n, b, d, w.stride(0), w.stride(1), x.stride(0),
+                    _lp_dist_bwd_kernel[grid](w, x, c, iv, gw, n, b, d, w.stride(0), w.stride(1), x.stride(0),
                                               x.stride(1), c.stride(1), c.stride(0), gw.stride(0),
                                               float(p - 1.0), int(e), SIGN_ONLY=sign_only, POW=pow_mode, **meta)
     rx = gx.to(x.dtype) if need_x else x.new_empty((0,))
@@ -325,6 +347,21 @@ def _out_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
+def _stats_shapes(x, w, p, stats):
+    """Shapes of (idx, inv / r) the forward returns."""
+    b, n = x.shape[0], w.shape[0]
+    idx = (b, n) if stats and p == math.inf else (0, 0)
+    ir = (b, n) if stats and p != math.inf and p != 1.0 else (0, 0)
+    return idx, ir
+
+
+def _fake_forward(x, w, p, stats, stats_dtype):
+    idx_shape, ir_shape = _stats_shapes(x, w, p, stats)
+    out = x.new_empty((x.shape[0], w.shape[0]), dtype=_out_dtype(x, w))
+    return (out, x.new_empty(idx_shape, dtype=torch.int64), x.new_empty(ir_shape, dtype=stats_dtype),
+            x.new_empty(ir_shape, dtype=stats_dtype))
+
+
 def _require_cpu_op() -> None:
     if _C is None:
         raise RuntimeError("drp_kernels._C is not built or failed to load; build it with "
@@ -332,71 +369,69 @@ def _require_cpu_op() -> None:
 
 
 @torch.library.custom_op("drp::lp_dist", mutates_args=())
-def _lp_dist_op(x: torch.Tensor, w: torch.Tensor, p: float, use_triton: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _lp_dist_op(x: torch.Tensor, w: torch.Tensor, p: float, use_triton: bool,
+                stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton:
-        out, idx = lp_dist_forward(x, w, p)
-        return out, idx
+        return lp_dist_forward(x, w, p, stats)
     _require_cpu_op()
-    return torch.ops.drp.lp_dist_cpu_forward(x, w, p)
+    return torch.ops.drp.lp_dist_cpu_forward(x, w, p, stats)
 
 
 @_lp_dist_op.register_fake
-def _(x, w, p, use_triton):
-    b, n = x.shape[0], w.shape[0]
-    out = x.new_empty((b, n), dtype=_out_dtype(x, w))
-    idx = x.new_empty((b, n) if p == math.inf else (0, 0), dtype=torch.int64)
-    return out, idx
+def _(x, w, p, use_triton, stats):
+    return _fake_forward(x, w, p, stats, torch.float32 if use_triton else _out_dtype(x, w))
 
 
 @torch.library.custom_op("drp::lp_dist_backward", mutates_args=())
 def _lp_dist_backward_op(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-                         idx: torch.Tensor, p: float, use_triton: bool, need_x: bool,
-                         need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                         idx: torch.Tensor, inv: torch.Tensor, r: torch.Tensor, p: float, use_triton: bool,
+                         need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton:
-        return lp_dist_backward(grad, x, w, out, idx, p, need_x, need_w)
+        return lp_dist_backward(grad, x, w, out, idx, inv, r, p, need_x, need_w)
     _require_cpu_op()
-    return torch.ops.drp.lp_dist_cpu_backward(grad, x, w, out, idx, p, need_x, need_w)
+    return torch.ops.drp.lp_dist_cpu_backward(grad, x, w, out, idx, inv, r, p, need_x, need_w)
 
 
 @_lp_dist_backward_op.register_fake
-def _(grad, x, w, out, idx, p, use_triton, need_x, need_w):
+def _(grad, x, w, out, idx, inv, r, p, use_triton, need_x, need_w):
     gx = x.new_empty(x.shape if need_x else (0,))
     gw = w.new_empty(w.shape if need_w else (0,))
     return gx, gw
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, p, use_triton = inputs
-    out, idx = output
-    ctx.save_for_backward(x, w, out, idx)
+    x, w, p, use_triton, stats = inputs
+    out, idx, inv, r = output
+    ctx.save_for_backward(x, w, out, idx, inv, r)
     ctx.p = p
     ctx.use_triton = use_triton
-    ctx.mark_non_differentiable(idx)
+    ctx.stats = stats
+    ctx.mark_non_differentiable(idx, inv, r)
 
 
-def _backward(ctx, grad_out, _grad_idx):
-    x, w, out, idx = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_idx, _grad_inv, _grad_r):
+    x, w, out, idx, inv, r = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_x or need_w):
-        return None, None, None, None
-    gx, gw = _lp_dist_backward_op(grad_out.contiguous(), x, w, out, idx, ctx.p, ctx.use_triton, need_x, need_w)
-    return (gx if need_x else None), (gw if need_w else None), None, None
+        return None, None, None, None, None
+    if not ctx.stats and ctx.p != 1.0:
+        raise RuntimeError("drp::lp_dist was called with stats=False, so it saved nothing to differentiate; "
+                           "call drp_kernels.lp_dist (which asks for stats whenever a gradient is needed)")
+    gx, gw = _lp_dist_backward_op(grad_out.contiguous(), x, w, out, idx, inv, r, ctx.p, ctx.use_triton,
+                                  need_x, need_w)
+    return (gx if need_x else None), (gw if need_w else None), None, None, None
 
 
 _lp_dist_op.register_autograd(_backward, setup_context=_setup_context)
-lp_dist_op = _lp_dist_op
 
 if _C is not None:
 
     @torch.library.register_fake("drp::lp_dist_cpu_forward")
-    def _cpu_forward_fake(x, w, p):
-        b, n = x.shape[0], w.shape[0]
-        out = x.new_empty((b, n), dtype=_out_dtype(x, w))
-        idx = x.new_empty((b, n) if p == math.inf else (0, 0), dtype=torch.int64)
-        return out, idx
+    def _cpu_forward_fake(x, w, p, stats):
+        return _fake_forward(x, w, p, stats, _out_dtype(x, w))
 
     @torch.library.register_fake("drp::lp_dist_cpu_backward")
-    def _cpu_backward_fake(grad, x, w, out, idx, p, need_x, need_w):
+    def _cpu_backward_fake(grad, x, w, out, idx, inv, r, p, need_x, need_w):
         return x.new_empty(x.shape if need_x else (0,)), w.new_empty(w.shape if need_w else (0,))
 
 
@@ -432,12 +467,13 @@ def _check(x, w, p) -> float:
     return p
 
 
-def _backend(x: torch.Tensor, w: torch.Tensor) -> str:
-    """"reference", "triton" or "cpp" for this call (DRP_BACKEND, device, dtype)."""
+def _backend(x: torch.Tensor, w: torch.Tensor, p: float) -> str:
+    """"reference", "triton" or "cpp" for this call (DRP_BACKEND, device, dtype). Triton runs float64
+    at p = inf only (its float64 max path); other float64 work on CUDA runs the reference."""
     choice = os.environ.get("DRP_BACKEND", "auto").strip().lower() or "auto"
     if choice == "reference":
         return "reference"
-    is64 = torch.float64 in (x.dtype, w.dtype)
+    is64 = torch.float64 in (x.dtype, w.dtype) and p != math.inf
     if x.is_cuda:
         return "reference" if is64 else "triton"
     if choice == "triton" and not is64:
@@ -467,12 +503,12 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, *, p: float) -> torch.Tensor:
     ``DRP_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors.
     """
     p = _check(x, w, p)
-    backend = _backend(x, w)
+    backend = _backend(x, w, p)
     if backend == "reference":
         return reference.lp_dist(x, w, p)
-    if (backend == "cpp" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    stats = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if backend == "cpp" and not stats and not torch.compiler.is_compiling():
         # nothing to differentiate and nothing to trace: the C++ kernel directly, without the
         # Python custom op's dispatch (~30 us a call, as much as the kernel at small B and N)
-        return torch.ops.drp.lp_dist_cpu_forward(x, w, p)[0]
-    return _lp_dist_op(x, w, p, backend == "triton")[0]
+        return torch.ops.drp.lp_dist_cpu_forward(x, w, p, False)[0]
+    return _lp_dist_op(x, w, p, backend == "triton", stats)[0]
