@@ -236,9 +236,8 @@ def _fwd_meta(x: torch.Tensor, b: int, n: int) -> dict:
     # the largest tile that still gives every SM a few programs (a 10-class head or B = N = 512 would
     # leave most of a GPU idle with 64 x 128 tiles)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    for bb, bn, warps in ((64, 128, 8), (64, 64, 4), (32, 64, 4), (32, 32, 4), (16, 32, 2)):
-        if tu.cdiv(b, bb) * tu.cdiv(n, bn) >= 2 * sms:
-            break
+    tiles = ((64, 128, 8), (64, 64, 4), (32, 64, 4), (32, 32, 4), (16, 32, 2))
+    bb, bn, warps = next((t for t in tiles if tu.cdiv(b, t[0]) * tu.cdiv(n, t[1]) >= 2 * sms), tiles[-1])
     return {"BLOCK_B": bb, "BLOCK_N": bn, "num_warps": warps}
 
 
