@@ -133,9 +133,10 @@ def test_square_query_overhead(benchmark, timed, provider, points):
     model = _FixedLogits(points)
     logits = model(x)
 
+    keys = importlib.import_module("drp_kernels.attacks._keys").point_keys(0, torch.arange(points), 0)
+
     def fn():
-        gen = torch.Generator().manual_seed(0)
-        return sq._square(model, x, y, eps=0.05, queries=queries, p_init=0.8, generator=gen, clean_logits=logits,
+        return sq._square(model, x, y, eps=0.05, queries=queries, p_init=0.8, keys=keys, clean_logits=logits,
                           fused=provider == "fused")
 
     n_threads = torch.get_num_threads()

@@ -17,9 +17,10 @@
 //     margin_best, x_best and margin_best take the proposal's. Returns how many points have
 //     margin_best <= 0 afterwards (broken).
 //   square_draws_cpu(keys, counter, bounds, n_signs, dtype) -> (ints, signs)
-//     The per-point keyed draws of one query (drp_kernels/attacks/_keys.py): with
-//     b_j = derive(derive(key, counter), j) (splitmix64), ints[j, i] = (b_j >>> 1) mod bounds[j]
-//     for j < len(bounds) (int64, (len(bounds), k), so each row is contiguous) and
+//     The per-point keyed draws of one query (drp_kernels/attacks/_keys.py `bits`): with n =
+//     len(bounds) + n_signs and b_j = mix64(key + (counter * n + j + 1) * golden) (block `counter`
+//     of the splitmix64 stream seeded with the key), ints[j, i] = (b_j >>> 1) mod bounds[j] for
+//     j < len(bounds) (int64, (len(bounds), k), so each row is contiguous) and
 //     signs[i, m] = b_{len(bounds) + m} < 2^63 ? +1 : -1 ((k, n_signs) of dtype).
 // The first two reproduce the PyTorch formulation bit for bit: the same operations in the same
 // order and dtype (x + (eps * sign), then the clamp; the margin in float32). The draws are
@@ -180,8 +181,6 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-inline uint64_t derive(uint64_t key, uint64_t part) { return mix64(key + (part + 1) * kGolden); }
-
 std::tuple<Tensor, Tensor> square_draws_cpu(const Tensor& keys, int64_t counter, at::IntArrayRef bounds,
                                             int64_t n_signs, at::ScalarType dtype) {
   check_cpu(keys, "keys");
@@ -198,11 +197,12 @@ std::tuple<Tensor, Tensor> square_draws_cpu(const Tensor& keys, int64_t counter,
   std::vector<uint64_t> bnd(bounds.begin(), bounds.end());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "square_draws_cpu", [&] {
     scalar_t* ps = sg.data_ptr<scalar_t>();
+    const uint64_t first = static_cast<uint64_t>(counter) * static_cast<uint64_t>(nb + n_signs) + 1;
     for (int64_t i = 0; i < k; ++i) {
-      const uint64_t q = derive(static_cast<uint64_t>(pk[i]), static_cast<uint64_t>(counter));
-      for (int64_t j = 0; j < nb; ++j) pi[j * k + i] = static_cast<int64_t>((derive(q, j) >> 1) % bnd[j]);
-      for (int64_t m = 0; m < n_signs; ++m)
-        ps[i * n_signs + m] = static_cast<scalar_t>((derive(q, nb + m) >> 63) ? -1 : 1);
+      const uint64_t key = static_cast<uint64_t>(pk[i]);
+      auto draw = [&](int64_t j) { return mix64(key + (first + static_cast<uint64_t>(j)) * kGolden); };
+      for (int64_t j = 0; j < nb; ++j) pi[j * k + i] = static_cast<int64_t>((draw(j) >> 1) % bnd[j]);
+      for (int64_t m = 0; m < n_signs; ++m) ps[i * n_signs + m] = static_cast<scalar_t>((draw(nb + m) >> 63) ? -1 : 1);
     }
   });
   return {ints, sg};

@@ -206,7 +206,9 @@ def test_keyed_bits_match_the_python_reference():
     assert R.mix64(raw).tolist() == [R._signed(R.mix64_int(v)) for v in unsigned]
     assert R.derive(raw, 12).tolist() == [R._signed(R.derive_int(v, 12)) for v in unsigned]
     b = R.bits(raw[:9], 3, 4)
-    assert b.tolist() == [[R._signed(R.derive_int(v, 3, j)) for j in range(4)] for v in unsigned[:9]]
+    assert b.tolist() == [[R._signed(u) for u in R.bits_int(v, 3, 4)] for v in unsigned[:9]]
+    # block t of the splitmix64 stream seeded with the key: blocks of n draws follow one another
+    assert torch.equal(torch.cat([R.bits(raw[:9], t, 4) for t in range(3)], dim=1), R.bits(raw[:9], 0, 12))
 
 
 def test_draws_op_rejects_bad_inputs():

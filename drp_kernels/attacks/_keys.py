@@ -10,14 +10,16 @@ The keys are 64-bit integers made with the splitmix64 finaliser (Steele, Lea, Fl
     derive(key, part) = mix64(key + (part + 1) * 0x9E3779B97F4A7C15)
 
 ``derive`` chains a key with small integers: the seed with the purpose of the draw (stage,
-eps, run), then with the point's index, then with a counter (Square's query number). Python
+eps, run), then with the point's index; Square's draws at query t are the block t of the
+splitmix64 stream seeded with the point's key (``bits``). Python
 ints (``derive_int``) and int64 tensors (``derive``, with wrapping products and emulated
 logical shifts) compute the same bits; csrc/square.cpp has the same hash in C++ for Square's
 fused per-query draws.
 
 Two kinds of draws:
-* counter-based bits (``bits``): (k, n) 64-bit hashes per point, vectorised, exact on any
-  device: Square's window positions and signs, one set per query;
+* counter-based bits (``bits``): (k, n) 64-bit draws per point, the splitmix64 stream seeded
+  with the point's key, vectorised and exact on any device: Square's window positions and
+  signs, one block of n per query;
 * per-point torch generators (``ball_noise``): the random starts, drawn with ``torch.rand`` /
   ``torch.randn`` from a CPU generator seeded with the point's key, one point at a time, so
   they come from the same distributions as ``drp_kernels.random_init``'s.
@@ -29,7 +31,7 @@ import struct
 import torch
 
 __all__ = ["MASK64", "mix64_int", "derive_int", "mix64", "derive", "point_keys", "bits", "below", "signs",
-           "ball_noise", "eps_part", "STAGE_IDS", "PUBLIC_IDS"]
+           "ball_noise", "eps_part", "STAGE_IDS", "PUBLIC_IDS", "bits_int"]
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -104,11 +106,17 @@ def point_keys(seed: int, index: torch.Tensor, *parts: int) -> torch.Tensor:
 
 
 def bits(keys: torch.Tensor, counter: int, n: int) -> torch.Tensor:
-    """(k, n) int64: the j-th 64-bit draw of each key at ``counter``, i.e.
-    derive(derive(key, counter), j)."""
-    q = derive(keys, counter)
-    slots = torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
-    return mix64(q[:, None] + slots[None, :])
+    """(k, n) int64: the n 64-bit draws of each key at ``counter``, draw j being
+    mix64(key + (counter * n + j + 1) * GOLDEN) = derive(key, counter * n + j): the splitmix64
+    stream seeded with the key, one block of n outputs per counter."""
+    first = int(counter) * n
+    steps = (torch.arange(first + 1, first + n + 1, device=keys.device, dtype=torch.int64) * _signed(GOLDEN))
+    return mix64(keys[:, None] + steps[None, :])
+
+
+def bits_int(key: int, counter: int, n: int) -> list:
+    """``bits`` for one unsigned Python-int key (the reference)."""
+    return [derive_int(key, counter * n + j) for j in range(n)]
 
 
 def below(b: torch.Tensor, bound) -> torch.Tensor:

@@ -20,8 +20,9 @@ sign * eta / ||eta|| + delta_W1 / ||delta_W1|| scaled to that mass; the new delt
 norm eps and clipped.
 
 Every random draw is keyed per point (``_keys.py``): point i's stripes or tiles come from
-derive(key_i, 0) and its draws at query t from derive(key_i, t), so its search, and whether it
-breaks, does not depend on the other points in its batch. Only samples still classified
+block 0 of the splitmix64 stream seeded with key_i and its draws at query t from block t
+(``_keys.bits``), so its search, and whether it breaks, does not depend on the other points in
+its batch. Only samples still classified
 correctly are queried: a broken sample leaves the working batch at once (on an accelerator
 within 10 queries, so that the loop waits on the device only once per 10 queries). The search
 runs under ``torch.inference_mode``. On the CPU each query's draws and, for L-inf, proposal and
@@ -78,10 +79,13 @@ def _draws(keys, counter, bounds, n_signs, dtype, ops):
     bits from ``_keys``."""
     if ops is not None:
         return ops[2](keys, counter, list(bounds), n_signs, dtype)
-    b = R.bits(keys, counter, len(bounds) + n_signs)
-    ints = torch.stack([R.below(b[:, j], int(bound)) for j, bound in enumerate(bounds)]) if bounds else \
-        torch.empty((0, keys.shape[0]), dtype=torch.int64, device=keys.device)
-    return ints, R.signs(b[:, len(bounds):]).to(dtype)
+    nb = len(bounds)
+    b = R.bits(keys, counter, nb + n_signs)
+    if nb:
+        ints = R.below(b[:, :nb], torch.tensor(bounds, dtype=torch.int64, device=keys.device)).t()
+    else:
+        ints = torch.empty((0, keys.shape[0]), dtype=torch.int64, device=keys.device)
+    return ints, R.signs(b[:, nb:]).to(dtype)
 
 
 # ---------------------------------------------------------------------------- L-inf
