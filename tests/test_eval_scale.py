@@ -335,6 +335,20 @@ def test_certified_model_counts_both_point_sets_and_l2_is_implied(tmp_path, caps
     assert lin["certified"] == l2["certified"] and l2["robust"] >= lin["robust"]
 
 
+def test_drp_plot_refuses_reports_of_two_norms(tmp_path, capsys):
+    paths = []
+    for norm in ("linf", "l2"):
+        path = tmp_path / f"{norm}.json"
+        path.write_text(json.dumps({"clean_accuracy": 0.9, "n": 10, "norm": norm, "suite": "quick", "method": norm,
+                                    "results": [{"eps": 0.5, "robust_accuracy": 0.5}]}))
+        paths.append(str(path))
+    code, out, err = _run(["plot", *paths, "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "mix norms" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.png").exists()
+    code, out, err = _run(["plot", paths[1], "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 5000, err
+
+
 # ---------------------------------------------------------- Square-L2 reference
 def _eta(a, b):
     """The paper's pseudo-Gaussian: sum over the concentric squares around the centre of 1/(k+1)^2."""

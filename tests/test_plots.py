@@ -210,3 +210,20 @@ def test_figures_respect_the_umask(tmp_path):
         assert stat.S_IMODE((tmp_path / "b.png").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_l2_plot_names_the_norm_and_certified_points_use_their_own_n(captured, tmp_path):
+    curve = {"clean_accuracy": 0.9, "n": 100, "results": [
+        {"eps": 0.5, "robust_accuracy": 0.5, "certified_accuracy": 0.5, "certified_n": 1000},
+        {"eps": 1.0, "robust_accuracy": 0.2, "certified_accuracy": 0.1, "certified_n": 1000}]}
+    plots.plot_accuracy_vs_eps({"m": curve}, tmp_path / "a.png", norm="l2")
+    ax = captured[0].axes[0]
+    assert ax.get_xlabel().startswith("L2 eps") and not ax.child_axes  # no /255 axis for L2
+    bars = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    robust, certified = ({round(float(s[0][0]), 6): (s[0][1], s[1][1]) for s in b.lines[2][0].get_segments()}
+                         for b in bars)
+    # the same 50% at eps 0.5: the robust interval is of 100 points, the certified one of 1000
+    assert robust[0.5] == pytest.approx(tuple(100 * v for v in plots.wilson_interval(0.5, 100)))
+    assert certified[0.5] == pytest.approx(tuple(100 * v for v in plots.wilson_interval(0.5, 1000)))
+    with pytest.raises(ValueError, match="norm"):
+        plots.plot_accuracy_vs_eps({"m": curve}, tmp_path / "b.png", norm="l1")
