@@ -167,6 +167,13 @@ class SweepState:
     """
 
     def __init__(self, *, index, eps_list, suite, norm, seed, stages=None):
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype.is_floating_point \
+                or index.dtype == torch.bool:
+            raise ValueError("index must be a 1-D integer tensor (the points' indices in the dataset)")
+        _check_suite(suite)
+        C.check_norm(norm)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         self.index = index.detach().to("cpu", torch.int64).clone()
         self.eps_list = [float(e) for e in eps_list]
         self.suite, self.norm, self.seed = suite, norm, int(seed)

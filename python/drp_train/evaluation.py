@@ -594,6 +594,11 @@ def _execute(plan, args, info):
     ddp.barrier(info)
     progress = not args.quiet and info.is_main
     shard = torch.arange(n)[info.rank::info.world_size]
+    if progress and info.enabled:
+        import logging
+
+        logging.getLogger("drp_train").info("%d points over %d processes; the progress is rank 0's %d points",
+                                            n, info.world_size, shard.numel())
     kwargs = {"eps_list": eps_list, "norm": norm, "seed": int(args.seed), "compile": bool(args.compile)}
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
