@@ -388,17 +388,27 @@ def _maybe_compile(model, compile):
 
 @contextlib.contextmanager
 def _uninterrupted():
-    """SIGINT and SIGTERM held back (delivered on exit) while a chunk's results are committed to
-    the state, so that Ctrl-C never leaves it half updated (main thread, POSIX; elsewhere a no-op)."""
-    held = {signal.SIGINT, getattr(signal, "SIGTERM", signal.SIGINT)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM held back while a chunk's results are committed to the state, so that
+    Ctrl-C never leaves it half updated: their handlers are swapped for one that only notes the
+    signal, and the noted signal is handled (KeyboardInterrupt, or the original action) at the end
+    of the block. Main thread only (where Python runs signal handlers); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted = []
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    old = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in sigs}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if noted:
+            handler = old[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)  # Python's SIGINT handler raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(noted[0])
 
 
 def _sweep(run, x, y, state, *, eps_list, cfg, norm, batch_size, progress, device, clean, on_batch):
