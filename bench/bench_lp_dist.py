@@ -6,9 +6,14 @@ Providers (grouped per p + shape + mode):
   compiled  torch.compile(reference.lp_dist)
   cdist     torch.cdist(x, w, p=p)
 
-Issue targets (benchmarks, not tests):
+Modes: ``fwd`` (no gradient: at p = inf no arg-max index is tracked), ``fwd+stats`` (the forward
+of a call that needs a gradient: p = inf tracks the arg-max, finite p saves inv and r) and
+``fwd+bwd``.
+
+Targets (benchmarks, not tests):
   CPU, 2 threads (torch.set_num_threads(2) here), B512 N1024 D784 fp32, fwd+bwd:
-    drp >= 3x cdist at p = inf, >= 10x cdist at p = 8, >= 1x compiled.
+    drp >= 3x cdist at p = inf, >= 40x cdist at p = 8, >= 1x compiled;
+    p = inf fwd >= 1.3x faster than fwd+stats.
   CPU memory: fwd+bwd at B512 N4096 D784 grows peak RSS by < 1.5 GiB (measured in a fresh
     subprocess from /proc/self/status VmHWM; B x N x D in fp32 would be 6.1 GiB).
   CUDA: >= 50% of the FP32 peak at B4096 N4096 D1024, p = inf (3 flops per (b, n, k): sub, abs,
@@ -34,10 +39,11 @@ from _bench import compiled
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 CPU_THREADS = 2
-MODES = ["fwd", "fwd+bwd"]
+MODES = ["fwd", "fwd+stats", "fwd+bwd"]
 PROVIDERS = ["drp", "eager", "compiled", "cdist"]
-# (B, N, D, p) timed on this device
+# (B, N, D, p) timed on this device; the large-p cases with the kernels and cdist only
 CPU_CASES = [(512, 1024, 784, math.inf), (512, 1024, 784, 8.0)]
+CPU_LARGE_P = [(512, 1024, 784, 64.0), (512, 1024, 784, 1000.0)]
 CUDA_CASES = [(4096, 4096, 1024, math.inf), (512, 1024, 784, math.inf), (512, 1024, 784, 8.0)]
 MEMORY_CASE = (512, 4096, 784)
 MEMORY_LIMIT_BYTES = int(1.5 * 2 ** 30)
@@ -91,9 +97,13 @@ def _forward_fn(provider, p, x, w, variant):
 
 def _params():
     out = []
-    for b, n, d, p in (CUDA_CASES if ON_CUDA else CPU_CASES):
+    cases = [(c, PROVIDERS) for c in (CUDA_CASES if ON_CUDA else CPU_CASES)]
+    cases += [] if ON_CUDA else [(c, ["drp", "cdist"]) for c in CPU_LARGE_P]
+    for (b, n, d, p), providers in cases:
         for mode in MODES:
-            for provider in PROVIDERS:
+            for provider in providers:
+                if mode == "fwd+stats" and provider != "drp":
+                    continue  # only the kernels' forward depends on whether a gradient follows
                 out.append(pytest.param(b, n, d, p, mode, provider, id=f"p{p}-B{b}-N{n}-D{d}-{mode}-{provider}"))
     out.append(pytest.param(4096, 4096, 1024, math.inf, "fwd", "drp", id="gpu-target-p-inf-B4096-N4096-D1024-fwd",
                             marks=pytest.mark.skipif(not ON_CUDA, reason="GPU target shape: CUDA only")))
@@ -114,13 +124,16 @@ def test_bench_lp_dist(benchmark, timed, b, n, d, p, mode, provider):
         def fn():
             with torch.no_grad():
                 fwd()
+    elif mode == "fwd+stats":
+        def fn():
+            fwd()
     else:
         def fn():
             x.grad = None
             w.grad = None
             out = fwd()
             out.backward(torch.ones_like(out))
-    flops = (3 if p == math.inf else 8) * b * n * d * (1 if mode == "fwd" else 2)
+    flops = (3 if p == math.inf else 8) * b * n * d * (2 if mode == "fwd+bwd" else 1)
     slow = not ON_CUDA and provider in ("eager", "compiled", "cdist")
     timed(benchmark, fn, group=f"lp_dist-p{p}-B{b}-N{n}-D{d}-{mode}", provider=provider, device=DEVICE,
           flops=flops, rounds=3 if slow else None, shape=dict(B=b, N=n, D=d), p=p, mode=mode,

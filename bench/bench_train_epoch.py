@@ -7,9 +7,10 @@ other in one process (``--rounds R`` interleaved rounds, the median step of all 
 figure). Epoch time = median step time x steps per epoch of the 60000 training images.
 
 * ``ce`` / ``pgd-at``: the `cnn` model (batch 128; PGD-AT with 10 steps);
-* ``certified@p``: the `linf-dist` model (``--depth`` x ``--width``, batch 512) at a fixed p
-  (8, 64, 1000, inf); ``certified (schedule)`` weights those by the fraction of the steps the p
-  schedule spends near each p (``drp_train.methods.p_schedule``);
+* ``certified@p``: the `linf-dist` model (``--depth`` x ``--width``, batch 512) at a fixed p: every
+  integer p that the real p schedule (``drp_train.methods.p_schedule`` over ``--schedule-epochs``
+  epochs) visits, plus 8, 64, 1000 and inf; ``certified (schedule)`` is the epoch time averaged over
+  that schedule, each step priced at its own p;
 * ``certified-reference@p``: the same step with ``lp_dist`` swapped for the pure-PyTorch
   broadcast reference (``drp_kernels.reference.lp_dist``), the plain-PyTorch yardstick.
 
@@ -80,20 +81,23 @@ def _time(step, reps):
     return out
 
 
-def _schedule_weights(points):
-    """Fraction of the p schedule's steps nearest (in log p) to each measured finite p, plus inf."""
+def _schedule(epochs, batch):
+    """The p of every optimiser step of a certified run of ``epochs`` epochs (the trainer's schedule)."""
     from drp_train.methods import p_schedule
 
-    total = 10000
-    counts = {p: 0 for p in points}
-    for t in range(total):
-        p = p_schedule(t, total)
-        if p == math.inf:
-            counts[math.inf] += 1
-            continue
-        near = min((q for q in points if q != math.inf), key=lambda q: abs(math.log(q) - math.log(p)))
-        counts[near] += 1
-    return {p: c / total for p, c in counts.items()}
+    total = epochs * math.ceil(N_TRAIN / batch)
+    return [p_schedule(t, total) for t in range(total)]
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def main(argv=None):
@@ -104,16 +108,24 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the pure-PyTorch lp_dist (slow, several GB)")
+    ap.add_argument("--schedule-epochs", type=int, default=None,
+                    help="epochs of the p schedule to price (default: drp train's default for certified)")
+    ap.add_argument("--schedule-reps", type=int, default=1, help="timed steps per schedule p (after one warm-up)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from drp_train.data import load_dataset
 
+    load_start = list(os.getloadavg())
     x_all, y_all = load_dataset("fashion-mnist", split="train", limit=1024)
-    ps = [8.0, 64.0, 1000.0, math.inf]
+    key_ps = [8.0, 64.0, 1000.0, math.inf]
     providers, batch = {}, {}
     for name in ("ce", "pgd-at"):
         _net, providers[name], batch[name] = _setup(_cfg(name), x_all, y_all)
-    cert_net, cert_step, cert_batch = _setup(_cfg("certified", depth=args.depth, width=args.width), x_all, y_all)
+    cert_cfg = _cfg("certified", depth=args.depth, width=args.width)
+    cert_net, cert_step, cert_batch = _setup(cert_cfg, x_all, y_all)
+    epochs = args.schedule_epochs or cert_cfg.epochs
+    schedule = _schedule(epochs, cert_batch)
+    ps = key_ps
 
     def at_p(p, fn):
         def run():
@@ -148,17 +160,27 @@ def main(argv=None):
             reps = 1 if name.startswith("certified-reference") else args.reps
             times[name] += _time(fn, reps)
             print(f"round {r + 1}: {name}: {statistics.median(times[name]) * 1e3:.1f} ms/step", flush=True)
+    # every other p the schedule visits, once each (the key p above were timed in every round)
+    visited = sorted(set(schedule))
+    per_p = {p: statistics.median(times[f"certified@p={p:g}"]) for p in key_ps}
+    for p in visited:
+        if p not in per_p:
+            per_p[p] = statistics.median(_time(at_p(p, cert_step), args.schedule_reps))
+    print(f"priced {len(visited)} distinct p of the {len(schedule)}-step schedule", flush=True)
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         steps = math.ceil(N_TRAIN / batch[name])
         rows[name] = {"batch": batch[name], "median_step_s": med, "steps_per_epoch": steps, "epoch_s": med * steps,
                       "step_s": ts}
-    w = _schedule_weights(ps)
-    sched = sum(w[p] * rows[f"certified@p={p:g}"]["epoch_s"] for p in ps)
-    rows["certified (schedule)"] = {"epoch_s": sched, "weights": {f"{p:g}": v for p, v in w.items()}}
+    sched = sum(per_p[p] for p in schedule) / epochs
+    rows["certified (schedule)"] = {
+        "epoch_s": sched, "schedule_epochs": epochs, "schedule_steps": len(schedule), "distinct_p": len(visited),
+        "step_s_by_p": {f"{p:g}": v for p, v in sorted(per_p.items())}}
     for base in ("ce", "pgd-at"):
         rows["certified (schedule)"][f"vs_{base}"] = sched / rows[base]["epoch_s"]
+    inf_step = rows["certified@p=inf"]["median_step_s"]
+    ratios = {f"p={p:g}/p=inf": rows[f"certified@p={p:g}"]["median_step_s"] / inf_step for p in key_ps[:-1]}
     for p in ref_ps:
         rows[f"certified-reference@p={p:g}"]["speedup_of_kernels"] = (
             rows[f"certified-reference@p={p:g}"]["median_step_s"] / rows[f"certified@p={p:g}"]["median_step_s"])
@@ -166,9 +188,12 @@ def main(argv=None):
     for name, r in rows.items():
         ms = f"{r['median_step_s'] * 1e3:9.1f}" if "median_step_s" in r else f"{'':>9}"
         print(f"{name:<28} {r.get('batch', ''):>5} {ms} {r['epoch_s']:8.1f}")
+    for k, v in ratios.items():
+        print(f"step {k}: {v:.2f}")
     if args.json:
-        out = {"device": device_name("cpu"), "versions": versions(), "depth": args.depth, "width": args.width,
-               "load_average": list(os.getloadavg()), "rows": rows}
+        out = {"device": device_name("cpu"), "cpu": _cpu_model(), "versions": versions(), "depth": args.depth,
+               "width": args.width, "load_average_start": load_start, "load_average": list(os.getloadavg()),
+               "step_ratios": ratios, "rows": rows}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 

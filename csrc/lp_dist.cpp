@@ -34,8 +34,9 @@
 // is undefined there). p = inf: the gradient sits at the first arg-max, where NaN counts as the
 // largest value, so it is NaN for a NaN pair and sign(d) * grad for an infinite one.
 //
-// Blocking (a GEMM's): the forward copies w once, transposed and zero-padded, to wT (D, Np), and x
-// to a padded (Bp, D) buffer of the compute dtype (documented copies, O((B + N) D)). A task owns MB
+// Blocking (a GEMM's): the forward copies w once, zero-padded and transposed panel by panel (each
+// panel of NV * lanes rows of w a contiguous (D, NV * lanes) block), and x to a padded (Bp, D) buffer
+// of the compute dtype (documented copies, O((B + N) D)). A task owns MB
 // rows of x times one panel of NV * lanes columns of wT; inside, micro-kernels keep an R x (NV *
 // lanes) accumulator tile in registers while they walk k, reusing every loaded w vector for R
 // rows. The backward works on padded row-major copies and splits the rows of x into one chunk per
@@ -67,35 +68,12 @@
 #include <tuple>
 #include <vector>
 
+#include "lp_dist_plan.h"
+
 namespace drp {
 namespace lpd {
 
 using at::Tensor;
-
-// Power modes of the micro-kernels (an exponent >= 1 is a compile-time integer exponent).
-enum PowMode { kPowInt = -1, kPowReal = -2 };
-
-// How the forward computes a call (make_plan).
-enum Kind { kInf = 0, kOne = 1, kSingle = 2, kTwoPass = 3 };
-// The forward's power of p: fixed 2 or 8, a run-time integer (even: no abs needed), or real.
-enum FwdPow { kFwd2 = 0, kFwd8 = 1, kFwdIntEven = 2, kFwdIntOdd = 3, kFwdReal = 4 };
-// The backward's power of p - 1.
-enum BwdPow { kBwdSign = 0, kBwd1 = 1, kBwd7 = 2, kBwdIntOdd = 3, kBwdIntEven = 4, kBwdReal = 5 };
-
-struct Plan {
-  double p;
-  int kind;
-  int fwd_pow, bwd_pow;
-  unsigned e;      // p as an integer (integer p only)
-  double scale;    // S: the copies hold x / S and w / S, out = S * their distance
-  bool stats;      // the forward saves idx (p = inf) or inv / r (finite p > 1)
-  bool sparse;     // large p: only the terms above thr * max, in double (lp_dist_kernels.h)
-  bool integer;    // p is an integer <= 1e6
-  double thr;      // 2^(-40 / (p - 1)): the sparse scheme's threshold relative to the pair's max
-};
-
-// Pairs whose pre-scaled sum is below this are redone with two passes.
-constexpr double kSingleMinSum = 0x1p-60;
 
 // The flush-to-zero / denormals-are-zero mode for one worker, restoring the caller's MXCSR.
 struct FlushDenormals {
@@ -167,144 +145,6 @@ struct FlushDenormals {
 #define LPD_BRN 4
 #include "lp_dist_kernels.h"  // undefines the LPD_* parameters at its end
 
-// ------------------------------------------------------------------ one copy's entry points
-// These templates are instantiated inside each copy's namespace through the macro below, so
-// they inline that copy's micro-kernels.
-#define LPD_ENTRIES(NS)                                                                                         \
-  namespace NS {                                                                                                \
-  template <typename T, int R, bool SCALED>                                                                     \
-  static void pow_sum(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D,             \
-                      const T* inv, T* s) {                                                                     \
-    const T q = static_cast<T>(pl.p);                                                                           \
-    switch (pl.fwd_pow) {                                                                                       \
-      case kFwd2: fwd_pow_sum<T, R, 2, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 2, q); break;                  \
-      case kFwd8: fwd_pow_sum<T, R, 8, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 8, q); break;                  \
-      case kFwdIntEven: fwd_pow_sum<T, R, kPowInt, SCALED, false>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;   \
-      case kFwdIntOdd: fwd_pow_sum<T, R, kPowInt, SCALED, true>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;     \
-      default: fwd_pow_sum<T, R, kPowReal, SCALED, true>(x, ldx, wT, ldw, D, inv, s, 0, q); break;               \
-    }                                                                                                           \
-  }                                                                                                             \
-  /* One RT x (NV * L) tile: out/idx/inv/r are RT x NB row-major; rows/cols: the valid part. */               \
-  template <typename T>                                                                                         \
-  static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, int rows,  \
-                       int cols, T* out, int64_t* idx, T* inv, T* r, uint32_t* scratch) {                       \
-    constexpr int NB = NV * Vec<T>::L;                                                                          \
-    constexpr int RT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI);                              \
-    static_assert(RT % RB == 0 && RT % RBI == 0 && RT % RBS == 0, "row tiles must nest");                       \
-    if (pl.kind == kInf) {                                                                                      \
-      if (pl.stats) {                                                                                           \
-        for (int rr = 0; rr < RT; rr += RBI)                                                                    \
-          fwd_max<T, RBI, true>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, idx + rr * NB);                   \
-      } else {                                                                                                  \
-        for (int rr = 0; rr < RT; rr += RB)                                                                     \
-          fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, nullptr);                         \
-      }                                                                                                         \
-      return;                                                                                                   \
-    }                                                                                                           \
-    if (pl.kind == kOne) {                                                                                      \
-      for (int rr = 0; rr < RT; rr += RBS)                                                                      \
-        fwd_pow_sum<T, RBS, 1, false, true>(x + rr * ldx, ldx, wT, ldw, D, nullptr, out + rr * NB, 1, T(1));    \
-      return;                                                                                                   \
-    }                                                                                                           \
-    alignas(64) T s[RT * NB];                                                                                   \
-    const T sc = static_cast<T>(pl.scale);                                                                      \
-    if (pl.kind == kSingle) {                                                                                   \
-      for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, false>(pl, x + rr * ldx, ldx, wT, ldw, D, nullptr,   \
-                                                                  s + rr * NB);                                 \
-      bool ok = true;                                                                                           \
-      for (int i = 0; i < rows; ++i)                                                                            \
-        for (int j = 0; j < cols; ++j) ok &= s[i * NB + j] >= T(kSingleMinSum);                                \
-      if (ok) {                                                                                                 \
-        finish_tile<T, false>(RT * NB, pl.p, sc, nullptr, s, out, inv, r);                                      \
-        return;                                                                                                 \
-      }                                                                                                         \
-    }                                                                                                           \
-    alignas(64) T m[RT * NB];                                                                                   \
-    alignas(64) T iv[RT * NB];                                                                                  \
-    for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, m + rr * NB, nullptr); \
-    const T big = std::numeric_limits<T>::infinity();                                                           \
-    for (int i = 0; i < RT * NB; ++i) iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);                 \
-    if (pl.sparse) {                                                                                            \
-      alignas(64) T th[RT * NB];                                                                                \
-      alignas(64) double sd[RT * NB];                                                                           \
-      for (int i = 0; i < RT * NB; ++i) th[i] = m[i] * static_cast<T>(pl.thr);                                  \
-      for (int rr = 0; rr < RT; rr += RBS)                                                                      \
-        fwd_sparse_sum<T, RBS>(x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, th + rr * NB, sd + rr * NB, pl.e,   \
-                               pl.p, pl.integer, scratch);                                                      \
-      finish_sparse<T>(RT * NB, pl.p, sc, m, iv, sd, out, inv, r);                                              \
-      return;                                                                                                   \
-    }                                                                                                           \
-    for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, \
-                                                               s + rr * NB);                                    \
-    finish_tile<T, true>(RT * NB, pl.p, sc, m, s, out, inv, r);                                                 \
-  }                                                                                                             \
-  template <typename T>                                                                                         \
-  static void bwd(const Plan& pl, const T* x, const T* w, const T* cT, const T* iT, const T* tT, int64_t b0,     \
-                  int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, T* gx, T* gw, uint32_t* scratch) {            \
-    const T q = static_cast<T>(pl.p - 1.0);                                                                     \
-    const unsigned e1 = pl.e > 0 ? pl.e - 1 : 0;                                                                \
-    if (pl.sparse) {                                                                                            \
-      bwd_sparse<T>(x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, e1, pl.p - 1.0, pl.integer, scratch);        \
-      return;                                                                                                   \
-    }                                                                                                           \
-    switch (pl.bwd_pow) {                                                                                       \
-      case kBwdSign: bwd_rows<T, 1, true, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;         \
-      case kBwd1: bwd_rows<T, 1, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 1, q); break;           \
-      case kBwd7: bwd_rows<T, 7, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 7, q); break;           \
-      case kBwdIntOdd: bwd_rows<T, kPowInt, false, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break; \
-      case kBwdIntEven: bwd_rows<T, kPowInt, false, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break; \
-      default: bwd_rows<T, kPowReal, false, false>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;      \
-    }                                                                                                           \
-  }                                                                                                             \
-  constexpr int kRT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI);                               \
-  /* non-template entries, instantiated inside this copy's target region */                                   \
-  static void fwd_f32(const Plan& pl, const float* x, int64_t ldx, const float* wT, int64_t ldw, int64_t D,     \
-                      int rows, int cols, float* out, int64_t* idx, float* inv, float* r, uint32_t* sc) {       \
-    fwd_tile<float>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);                                  \
-  }                                                                                                             \
-  static void fwd_f64(const Plan& pl, const double* x, int64_t ldx, const double* wT, int64_t ldw, int64_t D,   \
-                      int rows, int cols, double* out, int64_t* idx, double* inv, double* r, uint32_t* sc) {    \
-    fwd_tile<double>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);                                 \
-  }                                                                                                             \
-  static void bwd_f32(const Plan& pl, const float* x, const float* w, const float* cT, const float* iT,         \
-                      const float* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, float* gx,   \
-                      float* gw, uint32_t* sc) {                                                                \
-    bwd<float>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);                                           \
-  }                                                                                                             \
-  static void bwd_f64(const Plan& pl, const double* x, const double* w, const double* cT, const double* iT,     \
-                      const double* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, double* gx, \
-                      double* gw, uint32_t* sc) {                                                               \
-    bwd<double>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);                                          \
-  }                                                                                                             \
-  }  // namespace NS
-
-#ifdef LPD_X86_COPIES
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
-#endif
-LPD_ENTRIES(avx512)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-LPD_ENTRIES(avx2)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif
-LPD_ENTRIES(generic)
 
 namespace {
 
@@ -314,6 +154,9 @@ constexpr int64_t kSerialWork = int64_t(1) << 20;
 constexpr double kSinglePassMaxP = 16.0;
 // Above this p the sparse double-precision scheme runs (lp_dist_kernels.h, fwd_sparse_sum).
 constexpr double kSparseMinP = 32.0;
+// Up to this p a sparse tile with many terms near its maxima may run the dense float pass: its
+// error, about (p - 1) times float's rounding of d, stays below 1e-6 there (tests/test_lp_dist.py).
+constexpr double kDenseMaxP = 256.0;
 // Cap on the per-thread partial grad_w buffers of the backward.
 constexpr int64_t kPartialBytes = int64_t(512) << 20;
 
@@ -418,7 +261,7 @@ double skip_bits() {
 // scale exactly. The pre-scaled scheme needs finite inputs whose largest |x| + |w| lies well inside
 // the range (2^-100 .. 2^100): the scale 2^e >= max|x| + max|w| keeps every |d / 2^e| <= 1.
 Plan make_plan(const Tensor& x, const Tensor& w, double p, bool stats) {
-  Plan pl{p, kTwoPass, kFwdReal, kBwdReal, 0, 1.0, stats, false, false, 0.0};
+  Plan pl{p, kTwoPass, kFwdReal, kBwdReal, 0, 1.0, stats, false, false, 0.0, false};
   const bool integer = std::isfinite(p) && p == std::floor(p) && p <= 1.0e6;
   pl.integer = integer;
   if (integer) pl.e = static_cast<unsigned>(p);
@@ -426,6 +269,7 @@ Plan make_plan(const Tensor& x, const Tensor& w, double p, bool stats) {
     pl.sparse = true;
     const double bits = skip_bits();
     pl.thr = bits > 0.0 ? std::exp2(-bits / (p - 1.0)) : 0.0;
+    pl.dense_ok = p <= kDenseMaxP && bits > 0.0;
   }
   if (p == INFINITY) {
     pl.kind = kInf;
@@ -455,12 +299,12 @@ Plan make_plan(const Tensor& x, const Tensor& w, double p, bool stats) {
 
 // Padded copy of t (R, D) into (Rp, Dp) of the compute dtype, divided by scale (a power of two: exact).
 template <typename T>
-Tensor padded_copy(const Tensor& t, int64_t Rp, int64_t Dp, double scale, bool transpose) {
+Tensor padded_copy(const Tensor& t, int64_t Rp, int64_t Dp, double scale) {
   const auto opts = t.options().dtype(c10::CppTypeToScalarType<T>::value);
   const int64_t R = t.size(0), D = t.size(1);
-  Tensor out = transpose ? at::zeros({Dp, Rp}, opts) : at::zeros({Rp, Dp}, opts);
-  Tensor view = transpose ? out.narrow(0, 0, D).narrow(1, 0, R) : out.narrow(0, 0, R).narrow(1, 0, D);
-  view.copy_(transpose ? t.t() : t);
+  Tensor out = at::zeros({Rp, Dp}, opts);
+  Tensor view = out.narrow(0, 0, R).narrow(1, 0, D);
+  view.copy_(t);
   if (scale != 1.0) view.mul_(1.0 / scale);
   return out;
 }
@@ -469,8 +313,9 @@ Tensor padded_copy(const Tensor& t, int64_t Rp, int64_t Dp, double scale, bool t
 // SIMD max ignores NaN, so these pairs are patched here (O((B + N) D) to find them).
 template <typename T>
 void patch_nan_rows(const Tensor& x, const Tensor& w, T* out, int64_t* idx, T* inv, T* r) {
+  // max() propagates NaN: one pass over the inputs without a mask tensor in the common case
+  if (!std::isnan(x.max().item<double>()) && !std::isnan(w.max().item<double>())) return;
   const Tensor xn = x.isnan().any(1), wn = w.isnan().any(1);
-  if (!(xn.any().item<bool>() || wn.any().item<bool>())) return;
   const Tensor xc = x.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const Tensor wc = w.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
@@ -503,11 +348,14 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
   const int64_t RT = isa.rt, NB = isa.nv * isa.lanes;
   const int64_t Bp = round_up(B, RT), Np = round_up(N, NB);
-  // documented copies: x in the compute dtype, padded to whole row tiles; w transposed and padded
-  const Tensor xc = padded_copy<T>(x, Bp, D, pl.scale, false);
-  const Tensor wT = padded_copy<T>(w, Np, D, pl.scale, true);
+  // documented copies: x in the compute dtype, padded to whole row tiles; w padded and stored panel
+  // by panel, each (D, NB) transposed and contiguous, so a tile streams its panel sequentially (a
+  // (D, Np) layout would read it with a stride of Np floats, which aliases in the L1 cache for
+  // N = 512 and more)
+  const Tensor xc = padded_copy<T>(x, Bp, D, pl.scale);
+  const Tensor wP = padded_copy<T>(w, Np, D, pl.scale).view({Np / NB, NB, D}).transpose(1, 2).contiguous();
   const T* xp = xc.data_ptr<T>();
-  const T* wp = wT.data_ptr<T>();
+  const T* wp = wP.data_ptr<T>();
 
   const int64_t MB = RT * std::max<int64_t>(1, 64 / RT);
   const int64_t nbb = (Bp + MB - 1) / MB, npan = Np / NB;
@@ -518,14 +366,14 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
     FlushDenormals ftz;
     std::vector<T> tile(RT * NB), tinv(RT * NB), tr(RT * NB);
     std::vector<int64_t> tidx(RT * NB);
-    std::vector<uint32_t> scratch(pl.sparse ? RT * isa.nv * std::max<int64_t>(D, 1) : 0);
+    std::vector<uint32_t> scratch(pl.sparse ? std::max<int64_t>(D, 1) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / npan, pan = t % npan;
       const int64_t n0 = pan * NB, ncols = std::min<int64_t>(NB, N - n0);
       const int64_t bend = std::min<int64_t>(Bp, (bb + 1) * MB);
       for (int64_t b = bb * MB; b < bend && b < B; b += RT) {
         const int64_t nrows = std::min<int64_t>(RT, B - b);
-        isa.fwd(pl, xp + b * D, D, wp + n0, Np, D, static_cast<int>(nrows), static_cast<int>(ncols), tile.data(),
+        isa.fwd(pl, xp + b * D, D, wp + pan * D * NB, NB, D, static_cast<int>(nrows), static_cast<int>(ncols), tile.data(),
                 tidx.data(), invp ? tinv.data() : nullptr, invp ? tr.data() : nullptr, scratch.data());
         for (int64_t r = 0; r < nrows; ++r) {
           std::memcpy(op + (b + r) * N + n0, tile.data() + r * NB, ncols * sizeof(T));
@@ -630,10 +478,13 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   chunks = (B + rows - 1) / rows;
   const int64_t Bp = rows * chunks;
   const Plan pl = make_plan(x, w, p, true);
-  // documented copies: padded row-major x and w in the compute dtype (divided by the forward's scale),
-  // and the per-pair coefficient c = grad * r and scale inv transposed to (Np, Bp)
-  const Tensor xp = padded_copy<T>(x, Bp, Dp, pl.scale, false);
-  const Tensor wp = padded_copy<T>(w, Np, Dp, pl.scale, false);
+  // documented copies: padded x and w in the compute dtype (divided by the forward's scale), k-block
+  // major ((Dp / L, rows, L): the rows of one block of L coordinates are contiguous, so the kernels
+  // read them sequentially), and the per-pair coefficient c = grad * r and scale inv transposed to
+  // (Np, Bp)
+  const int64_t L = isa.lanes;
+  const Tensor xp = padded_copy<T>(x, Bp, Dp, pl.scale).view({Bp, Dp / L, L}).transpose(0, 1).contiguous();
+  const Tensor wp = padded_copy<T>(w, Np, Dp, pl.scale).view({Np, Dp / L, L}).transpose(0, 1).contiguous();
   const Tensor gc = g.to(opts.dtype());
   Tensor c, iv;
   if (p == 1.0) {
@@ -645,7 +496,14 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   }
   // pairs with a non-finite coefficient (NaN / infinite distance) give NaN rows, set at the end
   const Tensor bad = c.isfinite().logical_not();
-  const Tensor c_ok = at::where(bad, at::zeros({}, opts), c);
+  Tensor c_ok = at::where(bad, at::zeros({}, opts), c);
+  // the pre-scaled scheme's kernels assume inv = 1; the pairs its forward redid with two passes
+  // (inv = 1 / max) are added at the end, in double, and left out of the kernels
+  Tensor redo;
+  if (pl.kind == kSingle) {
+    redo = ((iv != 1) & (c_ok != 0)).nonzero();
+    if (redo.size(0) > 0) c_ok = c_ok.index_put({redo.select(1, 0), redo.select(1, 1)}, at::zeros({}, opts));
+  }
   Tensor cT = at::zeros({Np, Bp}, opts);
   cT.narrow(0, 0, N).narrow(1, 0, B).copy_(c_ok.t());
   Tensor iT = at::zeros({Np, Bp}, opts);
@@ -657,8 +515,8 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
     const Tensor th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
     tT.narrow(0, 0, N).narrow(1, 0, B).copy_(th.t());
   }
-  Tensor gxp = at::zeros({Bp, Dp}, opts);
-  Tensor parts = at::empty({chunks, Np, Dp}, opts);
+  Tensor gxp = at::zeros({Dp / L, Bp, L}, opts);
+  Tensor parts = at::empty({chunks, Dp / L, Np, L}, opts);
   const T* xd = xp.data_ptr<T>();
   const T* wd = wp.data_ptr<T>();
   const T* cd = cT.data_ptr<T>();
@@ -673,8 +531,16 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
       isa.bwd(pl, xd, wd, cd, id, td, ch * rows, (ch + 1) * rows, Bp, Np, Dp, gxd, pd + ch * Np * Dp,
               scratch.data());
   });
-  gx = gxp.narrow(0, 0, B).narrow(1, 0, D);
-  gw = (chunks == 1 ? parts[0] : parts.sum(0)).narrow(0, 0, N).narrow(1, 0, D);
+  gx = gxp.transpose(0, 1).reshape({Bp, Dp}).narrow(0, 0, B).narrow(1, 0, D);
+  gw = (chunks == 1 ? parts[0] : parts.sum(0)).transpose(0, 1).reshape({Np, Dp}).narrow(0, 0, N).narrow(1, 0, D);
+  if (redo.defined() && redo.size(0) > 0) {
+    const Tensor bi = redo.select(1, 0), ni = redo.select(1, 1);
+    const Tensor d = (x.index_select(0, bi).to(at::kDouble) - w.index_select(0, ni).to(at::kDouble)) / pl.scale;
+    const Tensor t = d.abs() * iv.index({bi, ni}).to(at::kDouble).unsqueeze(1);
+    const Tensor g = (c.index({bi, ni}).to(at::kDouble).unsqueeze(1) * d.sign() * t.pow(p - 1.0)).to(opts.dtype());
+    gx.index_add_(0, bi, g);
+    gw.index_add_(0, ni, -g);
+  }
   if (bad.any().item<bool>()) {
     gx = gx.clone();
     gx.index_put_({bad.any(1)}, NAN);

@@ -14,11 +14,12 @@
 // accumulators in registers (objdump -d shows it; bench/RESULTS.md counts the instructions).
 //
 // Layouts (all padded by the caller, so there is no tail handling here):
-//   forward:  x (Bp, D) row-major, wT (D, Np) = w transposed, Np a multiple of NV * lanes;
-//             a tile is R rows of x times NV * lanes columns of wT, accumulated over k as an
-//             outer product (each loaded w vector is reused by R rows).
-//   backward: x (Bp, Dp), w (Np, Dp) row-major, Dp a multiple of lanes; the coefficient
-//             c[b, n] and the inverse scale inv[b, n] are given transposed, (Np, Bp).
+//   forward:  x (Bp, D) row-major; wT one panel of w transposed, (D, ldw), whose first NV * lanes
+//             columns are the tile's; a tile is R rows of x times those columns, accumulated over k
+//             as an outer product (each loaded w vector is reused by R rows).
+//   backward: x (Dp / L, Bp, L) and w (Dp / L, Np, L), k-block major: for one block of L
+//             coordinates the rows follow each other contiguously; grad_x and grad_w likewise. The
+//             coefficient c[b, n] and the inverse scale inv[b, n] are given transposed, (Np, Bp).
 //
 // Power modes (template parameter E): E >= 1 a compile-time integer exponent, kPowInt a run-time
 // integer exponent (square-and-multiply over the whole register tile: one well-predicted branch
@@ -459,6 +460,84 @@ static void finish_tile(int NT, double p, T scale, const T* m, const T* s, T* ou
   }
 }
 
+// ----------------------------------------------------------------------------- backward
+// For rows b in [b0, b1) (multiples of BRB) and the BRN rows n0.. of w, at one block of L
+// coordinates (xk, wk, gxk, gwk point at the block):
+//   gx[b, k] += sum_n c[b, n] * g(d),   gw[n, k] = -sum_{b in [b0, b1)} c[b, n] * g(d)   (written)
+// with d = x[b, k] - w[n, k] and g(d) = sign(d) |d * inv[b, n]|^(p - 1): E / e / q give the power
+// p - 1 (E == 1: p = 2); SIGNED: p - 1 is an odd integer, so (d * inv)^(p - 1) carries the sign
+// itself; otherwise the sign bit of d is put on |d * inv|^(p - 1). SIGN_ONLY: p = 1, g = sign(d).
+// UNIT: inv is 1 for every pair (the pre-scaled scheme), so iT is not read.
+template <typename T, int E, bool SIGN_ONLY, bool SIGNED, bool UNIT>
+LPD_AI void bwd_block(const T* __restrict__ xk, const T* __restrict__ wk, const T* __restrict__ cT,
+                      const T* __restrict__ iT, int64_t n0, int64_t b0, int64_t b1, int64_t Bp,
+                      T* __restrict__ gxk, T* __restrict__ gwk, unsigned e, T q) {
+  using V = LPD_V;
+  constexpr int L = Vec<T>::L;
+  constexpr int NT = BRB * BRN;
+  const V one = splat<T>(T(1));
+  const V zero = V{};
+  V wv[BRN];
+  V gwa[BRN];
+  for (int j = 0; j < BRN; ++j) {
+    wv[j] = vload<T>(wk + (n0 + j) * L);
+    gwa[j] = V{};
+  }
+  for (int64_t b = b0; b < b1; b += BRB) {
+    V xv[BRB];
+    V gxa[BRB];
+    for (int r = 0; r < BRB; ++r) {
+      xv[r] = vload<T>(xk + (b + r) * L);
+      gxa[r] = V{};
+    }
+    V d[NT];
+    V t[NT];
+    for (int j = 0; j < BRN; ++j)
+      for (int r = 0; r < BRB; ++r) {
+        d[j * BRB + r] = xv[r] - wv[j];
+        if constexpr (!SIGN_ONLY) {
+          const V dd = SIGNED ? d[j * BRB + r] : vabs<T>(d[j * BRB + r]);
+          t[j * BRB + r] = UNIT ? dd : dd * splat<T>(iT[(n0 + j) * Bp + b + r]);
+        }
+      }
+    if constexpr (!SIGN_ONLY) tile_pow<T, E, NT>(t, e, q);
+    for (int j = 0; j < BRN; ++j)
+      for (int r = 0; r < BRB; ++r) {
+        const int i = j * BRB + r;
+        const V c = splat<T>(cT[(n0 + j) * Bp + b + r]);
+        V g;
+        if constexpr (SIGN_ONLY) {
+          g = vsel<T>(vgt<T>(d[i], zero), one, zero) - vsel<T>(vgt<T>(zero, d[i]), one, zero);
+        } else if constexpr (SIGNED) {
+          g = t[i];
+        } else {
+          g = vor<T>(t[i], vsignbit<T>(d[i]));
+        }
+        const V sg = g * c;
+        gxa[r] += sg;
+        gwa[j] -= sg;
+      }
+    for (int r = 0; r < BRB; ++r) {
+      T* gp = gxk + (b + r) * L;
+      vstore<T>(gp, vload<T>(gp) + gxa[r]);
+    }
+  }
+  for (int j = 0; j < BRN; ++j) vstore<T>(gwk + (n0 + j) * L, gwa[j]);
+}
+
+// The dense backward of rows [b0, b1) over every block of coordinates and every row of w.
+template <typename T, int E, bool SIGN_ONLY, bool SIGNED, bool UNIT>
+__attribute__((noinline)) static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w,
+                                               const T* __restrict__ cT, const T* __restrict__ iT, int64_t b0,
+                                               int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, T* __restrict__ gx,
+                                               T* __restrict__ gw, unsigned e, T q) {
+  constexpr int L = Vec<T>::L;
+  for (int64_t kb = 0; kb < Dp / L; ++kb)
+    for (int64_t n0 = 0; n0 < Np; n0 += BRN)
+      bwd_block<T, E, SIGN_ONLY, SIGNED, UNIT>(x + kb * Bp * L, w + kb * Np * L, cT, iT, n0, b0, b1, Bp,
+                                               gx + kb * Bp * L, gw + kb * Np * L, e, q);
+}
+
 // ------------------------------------------------------------------ large p: sparse, in double
 // For large p only the coordinates close to a pair's maximum matter: a term with
 // |d| <= thr * max contributes at most thr^(p-1) <= 2^-40 of the largest one (thr = 2^(-40/(p-1)),
@@ -485,12 +564,15 @@ LPD_AI DN wpow(DN t, unsigned e, double q, bool integer) {
 }
 
 // Forward, pass 2 for large p, one R x (NV * L) tile: s[r, c] = sum_k (|d| * inv[r, c])^p over the
-// terms with |d| > thr_abs[r, c], in double. list: scratch for R * NV * D entries.
+// terms with |d| > thr_abs[r, c], in double. list: scratch for D entries. Returns false, having
+// computed nothing, when more than max_entries steps k hold such a term (then the dense float pass,
+// accurate enough at such p, is cheaper).
 template <typename T, int R>
-__attribute__((noinline)) static void fwd_sparse_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
+__attribute__((noinline)) static bool fwd_sparse_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
                                                      int64_t ldw, int64_t D, const T* __restrict__ inv,
                                                      const T* __restrict__ thr_abs, double* __restrict__ s, unsigned e,
-                                                     double q, bool integer, uint32_t* __restrict__ list) {
+                                                     double q, bool integer, int64_t max_entries,
+                                                     uint32_t* __restrict__ list) {
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
   constexpr int NT = R * NV;
@@ -511,6 +593,7 @@ __attribute__((noinline)) static void fwd_sparse_sum(const T* __restrict__ x, in
     list[cnt] = static_cast<uint32_t>(k);
     cnt += many<T>(any);
   }
+  if (cnt > max_entries) return false;  // too many terms matter here: the caller runs the dense pass
   for (int i = 0; i < NT * L; ++i) s[i] = 0.0;
   for (int64_t i = 0; i < cnt; ++i) {
     const int64_t k = list[i];
@@ -528,55 +611,75 @@ __attribute__((noinline)) static void fwd_sparse_sum(const T* __restrict__ x, in
       }
     }
   }
+  return true;
 }
 
 // Backward for large p, rows [b0, b1) of x: as bwd_rows, but only the terms with
-// |d| > thr_abs[b, n] (given transposed, (Np, Bp), like c and inv), each computed in double.
+// |d| > thr_abs[b, n] (given transposed, (Np, Bp), like c and inv), each computed in double. A block
+// (one block of coordinates, BRN rows of w) with more than max_entries rows holding such a term runs
+// the dense float block instead. list: scratch for b1 - b0 entries.
 template <typename T>
 __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const T* __restrict__ w,
                                                  const T* __restrict__ cT, const T* __restrict__ iT,
                                                  const T* __restrict__ tT, int64_t b0, int64_t b1, int64_t Bp,
                                                  int64_t Np, int64_t Dp, T* __restrict__ gx, T* __restrict__ gw,
-                                                 unsigned e1, double q1, bool integer, uint32_t* __restrict__ list) {
+                                                 unsigned e1, double q1, bool integer, int64_t max_entries,
+                                                 uint32_t* __restrict__ list) {
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
   constexpr int H = L / DNL;
   constexpr int64_t kSign = static_cast<int64_t>(0x8000000000000000ULL);
-  for (int64_t kc = 0; kc < Dp; kc += L) {
+  for (int64_t kb = 0; kb < Dp / L; ++kb) {
+    const T* xk = x + kb * Bp * L;
+    const T* wk = w + kb * Np * L;
+    T* gxk = gx + kb * Bp * L;
+    T* gwk = gw + kb * Np * L;
     for (int64_t n0 = 0; n0 < Np; n0 += BRN) {
       V wv[BRN];
-      for (int j = 0; j < BRN; ++j) wv[j] = vload<T>(w + (n0 + j) * Dp + kc);
+      for (int j = 0; j < BRN; ++j) wv[j] = vload<T>(wk + (n0 + j) * L);
       int64_t cnt = 0;
       for (int64_t b = b0; b < b1; ++b) {
-        const V xv = vload<T>(x + b * Dp + kc);
-        for (int j = 0; j < BRN; ++j) {
-          list[cnt] = static_cast<uint32_t>((b - b0) * BRN + j);
-          cnt += many<T>(vgt<T>(vabs<T>(xv - wv[j]), splat<T>(tT[(n0 + j) * Bp + b])));
-        }
+        const V xv = vload<T>(xk + b * L);
+        auto any = vgt<T>(vabs<T>(xv - wv[0]), splat<T>(tT[n0 * Bp + b]));
+        for (int j = 1; j < BRN; ++j)
+          any = mor<T>(any, vgt<T>(vabs<T>(xv - wv[j]), splat<T>(tT[(n0 + j) * Bp + b])));
+        list[cnt] = static_cast<uint32_t>(b);
+        cnt += many<T>(any);
+      }
+      if (cnt > max_entries) {  // too many terms matter: the dense float block is cheaper
+        if (!integer)
+          bwd_block<T, kPowReal, false, false, false>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk, 0, T(q1));
+        else if (e1 % 2 == 1)
+          bwd_block<T, kPowInt, false, true, false>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk, e1, T(q1));
+        else
+          bwd_block<T, kPowInt, false, false, false>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk, e1, T(q1));
+        continue;
       }
       double gwa[BRN * L];
       for (int i = 0; i < BRN * L; ++i) gwa[i] = 0.0;
       for (int64_t i = 0; i < cnt; ++i) {
-        const int64_t b = b0 + list[i] / BRN;
-        const int j = static_cast<int>(list[i] % BRN);
-        const int64_t n = n0 + j;
-        const double iv = static_cast<double>(iT[n * Bp + b]);
-        const double th = static_cast<double>(tT[n * Bp + b]);
-        const double c = static_cast<double>(cT[n * Bp + b]);
-        for (int h = 0; h < H; ++h) {
-          const DN d = load_dn<T>(x + b * Dp + kc + h * DNL) - load_dn<T>(w + n * Dp + kc + h * DNL);  // exact
-          const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
-          const DN t = wpow(a * iv, e1, q1, integer);
-          const DN kept = (DN)((DNI)t & (DNI)(a > th));
-          const DN g = (DN)((DNI)kept | ((DNI)d & kSign)) * c;
-          T* gp = gx + b * Dp + kc + h * DNL;
-          store_dn<T>(gp, load_dn<T>(gp) + g);
-          double* wp = gwa + j * L + h * DNL;
-          vstore<double>(wp, vload<double>(wp) - g);
+        const int64_t b = list[i];
+        for (int j = 0; j < BRN; ++j) {
+          const int64_t n = n0 + j;
+          const double iv = static_cast<double>(iT[n * Bp + b]);
+          const double th = static_cast<double>(tT[n * Bp + b]);
+          const double c = static_cast<double>(cT[n * Bp + b]);
+          for (int h = 0; h < H; ++h) {
+            const DN d = load_dn<T>(xk + b * L + h * DNL) - load_dn<T>(wk + n * L + h * DNL);  // exact
+            const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
+            const DNI keep = a > th;
+            if (!any_lane(keep)) continue;
+            const DN t = wpow(a * iv, e1, q1, integer);
+            const DN g = (DN)(((DNI)t & keep) | ((DNI)d & kSign)) * c;
+            T* gp = gxk + b * L + h * DNL;
+            store_dn<T>(gp, load_dn<T>(gp) + g);
+            double* wp = gwa + j * L + h * DNL;
+            vstore<double>(wp, vload<double>(wp) - g);
+          }
         }
       }
       for (int j = 0; j < BRN; ++j)
-        for (int h = 0; h < H; ++h) store_dn<T>(gw + (n0 + j) * Dp + kc + h * DNL, vload<double>(gwa + j * L + h * DNL));
+        for (int h = 0; h < H; ++h) store_dn<T>(gwk + (n0 + j) * L + h * DNL, vload<double>(gwa + j * L + h * DNL));
     }
   }
 }
@@ -616,79 +719,171 @@ static void finish_sparse(int NT, double p, T scale, const T* m, const T* iv, co
   }
 }
 
-// ----------------------------------------------------------------------------- backward
-// For rows b in [b0, b1) (multiples of BRB) and all Np rows of w:
-//   gx[b, k] += sum_n c[b, n] * g(d),   gw[n, k] = -sum_{b in [b0, b1)} c[b, n] * g(d)   (written)
-// with d = x[b, k] - w[n, k] and g(d) = sign(d) |d * inv[b, n]|^(p - 1): E / e / q give the power
-// p - 1 (E == 1: p = 2); SIGNED: p - 1 is an odd integer, so (d * inv)^(p - 1) carries the sign
-// itself; otherwise the sign bit of d is put on |d * inv|^(p - 1). SIGN_ONLY: p = 1, g = sign(d).
-template <typename T, int E, bool SIGN_ONLY, bool SIGNED>
-__attribute__((noinline)) static void bwd_rows(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ cT,
-                     const T* __restrict__ iT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp,
-                     T* __restrict__ gx, T* __restrict__ gw, unsigned e, T q) {
-  using V = LPD_V;
-  constexpr int L = Vec<T>::L;
-  constexpr int NT = BRB * BRN;
-  const V one = splat<T>(T(1));
-  const V zero = V{};
-  for (int64_t kc = 0; kc < Dp; kc += L) {
-    for (int64_t n0 = 0; n0 < Np; n0 += BRN) {
-      V wv[BRN];
-      V gwa[BRN];
-      for (int j = 0; j < BRN; ++j) {
-        wv[j] = vload<T>(w + (n0 + j) * Dp + kc);
-        gwa[j] = V{};
-      }
-      for (int64_t b = b0; b < b1; b += BRB) {
-        V xv[BRB];
-        V gxa[BRB];
-        for (int r = 0; r < BRB; ++r) {
-          xv[r] = vload<T>(x + (b + r) * Dp + kc);
-          gxa[r] = V{};
-        }
-        V d[NT];
-        V t[NT];
-        for (int j = 0; j < BRN; ++j)
-          for (int r = 0; r < BRB; ++r) {
-            d[j * BRB + r] = xv[r] - wv[j];
-            if constexpr (!SIGN_ONLY) {
-              const V iv = splat<T>(iT[(n0 + j) * Bp + b + r]);
-              t[j * BRB + r] = SIGNED ? d[j * BRB + r] * iv : vabs<T>(d[j * BRB + r]) * iv;
-            }
-          }
-        if constexpr (!SIGN_ONLY) {
-          if constexpr (E == kPowReal) {
-            for (int i = 0; i < NT; ++i) t[i] = vpow_real<T>(t[i], q);
-          } else if constexpr (E == kPowInt) {
-            tile_ipow<T, NT>(t, e);
-          } else if constexpr (E > 1) {
-            tile_ipow<T, NT>(t, static_cast<unsigned>(E));
-          }
-        }
-        for (int j = 0; j < BRN; ++j)
-          for (int r = 0; r < BRB; ++r) {
-            const int i = j * BRB + r;
-            const V c = splat<T>(cT[(n0 + j) * Bp + b + r]);
-            V g;
-            if constexpr (SIGN_ONLY) {
-              g = vsel<T>(vgt<T>(d[i], zero), one, zero) - vsel<T>(vgt<T>(zero, d[i]), one, zero);
-            } else if constexpr (SIGNED) {
-              g = t[i];
-            } else {
-              g = vor<T>(t[i], vsignbit<T>(d[i]));
-            }
-            const V s = g * c;
-            gxa[r] += s;
-            gwa[j] -= s;
-          }
-        for (int r = 0; r < BRB; ++r) {
-          T* gp = gx + (b + r) * Dp + kc;
-          vstore<T>(gp, vload<T>(gp) + gxa[r]);
-        }
-      }
-      for (int j = 0; j < BRN; ++j) vstore<T>(gw + (n0 + j) * Dp + kc, gwa[j]);
+// ---------------------------------------------------------------------------- entry points
+// Float exponents up to these run as fixed, fully unrolled chains (one instantiation each): the
+// forward's p (pre-scaled up to 16, two passes up to 32) and the backward's p - 1.
+constexpr int kFixedFwdMax = 32;
+constexpr int kFixedBwdMax = 31;
+
+// fwd_pow_sum with E = e fixed at compile time, for E in [E0, EMAX]; false if e is outside.
+template <typename T, int R, bool SCALED, int E, int EMAX>
+LPD_AI bool pow_sum_fixed(unsigned e, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, const T* inv,
+                          T* s) {
+  if constexpr (E > EMAX) {
+    return false;
+  } else {
+    if (e == static_cast<unsigned>(E)) {
+      fwd_pow_sum<T, R, E, SCALED, (E % 2 == 1)>(x, ldx, wT, ldw, D, inv, s, E, T(E));
+      return true;
+    }
+    return pow_sum_fixed<T, R, SCALED, E + 1, EMAX>(e, x, ldx, wT, ldw, D, inv, s);
+  }
+}
+
+template <typename T, int R, bool SCALED>
+static void pow_sum(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, const T* inv,
+                    T* s) {
+  if constexpr (sizeof(T) == 4) {
+    if (pl.integer && pow_sum_fixed<T, R, SCALED, 2, (SCALED ? kFixedFwdMax : 16)>(pl.e, x, ldx, wT, ldw, D, inv, s))
+      return;
+  }
+  const T q = static_cast<T>(pl.p);
+  switch (pl.fwd_pow) {
+    case kFwd2: fwd_pow_sum<T, R, 2, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 2, q); break;
+    case kFwd8: fwd_pow_sum<T, R, 8, SCALED, false>(x, ldx, wT, ldw, D, inv, s, 8, q); break;
+    case kFwdIntEven: fwd_pow_sum<T, R, kPowInt, SCALED, false>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;
+    case kFwdIntOdd: fwd_pow_sum<T, R, kPowInt, SCALED, true>(x, ldx, wT, ldw, D, inv, s, pl.e, q); break;
+    default: fwd_pow_sum<T, R, kPowReal, SCALED, true>(x, ldx, wT, ldw, D, inv, s, 0, q); break;
+  }
+}
+
+constexpr int kRT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI);  // rows of a tile
+static_assert(kRT % RB == 0 && kRT % RBI == 0 && kRT % RBS == 0, "row tiles must nest");
+
+// One kRT x (NV * L) tile of the forward, every scheme: out/idx/inv/r are kRT x NB row-major;
+// rows/cols: the valid part (the pre-scaled scheme's check ignores the padding).
+template <typename T>
+static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, int rows,
+                     int cols, T* out, int64_t* idx, T* inv, T* r, uint32_t* scratch) {
+  constexpr int NB = NV * Vec<T>::L;
+  constexpr int RT = kRT;
+  if (pl.kind == kInf) {
+    if (pl.stats) {
+      for (int rr = 0; rr < RT; rr += RBI)
+        fwd_max<T, RBI, true>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, idx + rr * NB);
+    } else {
+      for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, out + rr * NB, nullptr);
+    }
+    return;
+  }
+  if (pl.kind == kOne) {
+    for (int rr = 0; rr < RT; rr += RBS)
+      fwd_pow_sum<T, RBS, 1, false, true>(x + rr * ldx, ldx, wT, ldw, D, nullptr, out + rr * NB, 1, T(1));
+    return;
+  }
+  alignas(64) T s[RT * NB];
+  const T sc = static_cast<T>(pl.scale);
+  if (pl.kind == kSingle) {
+    for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, false>(pl, x + rr * ldx, ldx, wT, ldw, D, nullptr, s + rr * NB);
+    bool ok = true;
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) ok &= s[i * NB + j] >= T(kSingleMinSum);
+    if (ok) {
+      finish_tile<T, false>(RT * NB, pl.p, sc, nullptr, s, out, inv, r);
+      return;
     }
   }
+  alignas(64) T m[RT * NB];
+  alignas(64) T iv[RT * NB];
+  for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, m + rr * NB, nullptr);
+  const T big = std::numeric_limits<T>::infinity();
+  for (int i = 0; i < RT * NB; ++i) iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
+  if (pl.sparse) {
+    alignas(64) T th[RT * NB];
+    alignas(64) double sd[RT * NB];
+    for (int i = 0; i < RT * NB; ++i) th[i] = m[i] * static_cast<T>(pl.thr);
+    for (int rr = 0; rr < RT; rr += RBS) {
+      if (fwd_sparse_sum<T, RBS>(x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, th + rr * NB, sd + rr * NB, pl.e,
+                                 pl.p, pl.integer, pl.dense_ok ? D / 4 : D, scratch))
+        continue;
+      pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
+      for (int i = rr * NB; i < (rr + RBS) * NB; ++i) sd[i] = s[i];
+    }
+    finish_sparse<T>(RT * NB, pl.p, sc, m, iv, sd, out, inv, r);
+    return;
+  }
+  for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
+  finish_tile<T, true>(RT * NB, pl.p, sc, m, s, out, inv, r);
+}
+
+// bwd_rows with E = e (the power p - 1) fixed at compile time, for E in [E0, EMAX].
+template <typename T, bool UNIT, int E, int EMAX>
+LPD_AI bool bwd_fixed(unsigned e, const T* x, const T* w, const T* cT, const T* iT, int64_t b0, int64_t b1,
+                      int64_t Bp, int64_t Np, int64_t Dp, T* gx, T* gw) {
+  if constexpr (E > EMAX) {
+    return false;
+  } else {
+    if (e == static_cast<unsigned>(E)) {
+      bwd_rows<T, E, false, (E % 2 == 1), UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, E, T(E));
+      return true;
+    }
+    return bwd_fixed<T, UNIT, E + 1, EMAX>(e, x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw);
+  }
+}
+
+// The backward of rows [b0, b1) by scheme; UNIT: every pair's inv is 1 (the pre-scaled scheme).
+template <typename T, bool UNIT>
+static void bwd_dense(const Plan& pl, const T* x, const T* w, const T* cT, const T* iT, int64_t b0, int64_t b1,
+                      int64_t Bp, int64_t Np, int64_t Dp, T* gx, T* gw) {
+  const T q = static_cast<T>(pl.p - 1.0);
+  const unsigned e1 = pl.e > 0 ? pl.e - 1 : 0;
+  if (pl.bwd_pow == kBwdSign) {
+    bwd_rows<T, 1, true, true, true>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q);
+    return;
+  }
+  if constexpr (sizeof(T) == 4) {
+    if (pl.integer && bwd_fixed<T, UNIT, 1, kFixedBwdMax>(e1, x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw)) return;
+  }
+  switch (pl.bwd_pow) {
+    case kBwd1: bwd_rows<T, 1, false, true, UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 1, q); break;
+    case kBwd7: bwd_rows<T, 7, false, true, UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 7, q); break;
+    case kBwdIntOdd: bwd_rows<T, kPowInt, false, true, UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break;
+    case kBwdIntEven: bwd_rows<T, kPowInt, false, false, UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, e1, q); break;
+    default: bwd_rows<T, kPowReal, false, false, UNIT>(x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw, 0, q); break;
+  }
+}
+
+template <typename T>
+static void bwd(const Plan& pl, const T* x, const T* w, const T* cT, const T* iT, const T* tT, int64_t b0,
+                int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, T* gx, T* gw, uint32_t* scratch) {
+  if (pl.sparse) {
+    bwd_sparse<T>(x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, pl.e > 0 ? pl.e - 1 : 0, pl.p - 1.0, pl.integer,
+                  pl.dense_ok ? (b1 - b0) / 4 : b1 - b0, scratch);
+  } else if (pl.kind == kSingle) {
+    bwd_dense<T, true>(pl, x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw);
+  } else {
+    bwd_dense<T, false>(pl, x, w, cT, iT, b0, b1, Bp, Np, Dp, gx, gw);
+  }
+}
+
+// Non-template entries (what the run-time dispatch of lp_dist.cpp points at), instantiated inside
+// this copy's target region.
+static void fwd_f32(const Plan& pl, const float* x, int64_t ldx, const float* wT, int64_t ldw, int64_t D, int rows,
+                    int cols, float* out, int64_t* idx, float* inv, float* r, uint32_t* sc) {
+  fwd_tile<float>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);
+}
+static void fwd_f64(const Plan& pl, const double* x, int64_t ldx, const double* wT, int64_t ldw, int64_t D, int rows,
+                    int cols, double* out, int64_t* idx, double* inv, double* r, uint32_t* sc) {
+  fwd_tile<double>(pl, x, ldx, wT, ldw, D, rows, cols, out, idx, inv, r, sc);
+}
+static void bwd_f32(const Plan& pl, const float* x, const float* w, const float* cT, const float* iT, const float* tT,
+                    int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, float* gx, float* gw, uint32_t* sc) {
+  bwd<float>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);
+}
+static void bwd_f64(const Plan& pl, const double* x, const double* w, const double* cT, const double* iT,
+                    const double* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, double* gx,
+                    double* gw, uint32_t* sc) {
+  bwd<double>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);
 }
 
 }  // namespace LPD_NS
