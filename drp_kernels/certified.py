@@ -59,6 +59,8 @@ class LinfDistNet(nn.Module):
         num_classes: C, the number of prototypes.
         depth: hidden ``LpDist`` layers (>= 1), each with ``width`` neurons and mean shift.
         width: neurons per hidden layer; also the prototype dimension.
+        first_width: neurons of the first hidden layer if other than ``width`` (with
+            ``first_width >= in_features`` the identity initialisation reaches the first layer too).
         head: ``"learnable"`` (prototypes and a per-class offset are trained) or ``"drp"``
             (fixed prototypes, no offset).
         prototypes: (C, width) initial (learnable) or fixed (drp) prototypes; zeros if None
@@ -73,12 +75,19 @@ class LinfDistNet(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, *, depth: int, width: int, head: str = "learnable",
-                 prototypes: Optional[torch.Tensor] = None, mean=0.0, std=1.0, p: float = 8.0):
+                 prototypes: Optional[torch.Tensor] = None, mean=0.0, std=1.0, p: float = 8.0,
+                 first_width: Optional[int] = None):
         super().__init__()
         check_int("in_features", in_features, 1)
         check_int("num_classes", num_classes, 2)
         check_int("depth", depth, 1)
         check_int("width", width, 1)
+        if first_width is not None:
+            check_int("first_width", first_width, 1)
+            if depth == 1 and first_width != width:
+                raise ValueError(f"first_width ({first_width}) differs from width ({width}) with depth 1, where the "
+                                 "first layer is the last one, whose width is the prototype dimension")
+        first_width = width if first_width is None else first_width
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -92,14 +101,16 @@ class LinfDistNet(nn.Module):
             raise ValueError(f"std must be > 0, got min {float(std_t.min())}")
         self.in_features, self.num_classes, self.depth, self.width, self.head = (
             in_features, num_classes, depth, width, head)
+        self.first_width = first_width
         self.register_buffer("mean", mean_t.expand(in_features).clone())
         self.register_buffer("std", std_t.expand(in_features).clone())
         layers, fan_in = [], in_features
-        for _ in range(depth):
+        for i in range(depth):
+            out = first_width if i == 0 else width
             # identity initialisation only where every input gets its own neuron (in <= out)
-            ident = 10.0 if fan_in <= width else None
-            layers.append(LpDist(fan_in, width, p=p, mean_shift=True, bias=False, identity_val=ident))
-            fan_in = width
+            ident = 10.0 if fan_in <= out else None
+            layers.append(LpDist(fan_in, out, p=p, mean_shift=True, bias=False, identity_val=ident))
+            fan_in = out
         self.layers = nn.ModuleList(layers)
         if prototypes is None:
             protos = torch.zeros(num_classes, width)
@@ -175,8 +186,9 @@ class LinfDistNet(nn.Module):
         return const
 
     def extra_repr(self):
+        first = f", first_width={self.first_width}" if self.first_width != self.width else ""
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, depth={self.depth}, "
-                f"width={self.width}, head={self.head!r}, p={self._head_p}")
+                f"width={self.width}{first}, head={self.head!r}, p={self._head_p}")
 
 
 # ----------------------------------------------------------------------------- certification

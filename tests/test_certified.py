@@ -20,7 +20,8 @@ from drp_kernels.attacks import accuracy_vs_eps
 from drp_kernels.certified import _interval_dist
 from drp_train.config import TrainConfig
 from drp_train.errors import ConfigError
-from drp_train.methods import Certified, p_schedule
+from drp_train.data import validation_split
+from drp_train.methods import Certified, ce_schedule, p_schedule
 
 from _helpers import FMNIST_DIR, assert_png, load_fmnist
 
@@ -242,6 +243,63 @@ def test_p_schedule():
     assert p_schedule(0, 1) == math.inf  # a one-step run ends (and starts) at inf
 
 
+def test_p_schedule_fractions_and_ce_decay():
+    ps = [p_schedule(t, 100, hold=0.2, inf=0.3) for t in range(100)]
+    assert ps[:20] == [8.0] * 20 and ps[20] == 8.0 and ps[69] == 1000.0
+    assert all(p == math.inf for p in ps[70:]) and math.inf not in ps[:70]
+    assert ce_schedule(8.0, 0.05, 0.0002) == pytest.approx(0.05)
+    assert ce_schedule(1000.0, 0.05, 0.0002) == pytest.approx(0.0002)
+    assert ce_schedule(math.inf, 0.05, 0.0002) == pytest.approx(0.0002)
+    mid = ce_schedule(math.sqrt(8000.0), 0.05, 0.0002)  # halfway along the geometric schedule
+    assert mid == pytest.approx(math.sqrt(0.05 * 0.0002))
+    assert ce_schedule(100.0, 0.05, 0.05) == 0.05 and ce_schedule(100.0, 0.0, 0.0) == 0.0
+    method = Certified(eps=0.1, eps_train=0.3, ce_weight=0.05, ce_final=0.0002, p_hold=0.0, p_inf=0.5)
+    net = _random_net()
+    method.before_step(net, 0, 10)
+    assert net.p == 8.0 and method.ce_weight == pytest.approx(0.05)
+    method.before_step(net, 9, 10)
+    assert net.p == math.inf and method.ce_weight == pytest.approx(0.0002)
+
+
+def test_first_width_gets_identity_init_when_wide_enough():
+    torch.manual_seed(3)
+    net = LinfDistNet(12, 3, depth=3, width=8, first_width=20, p=math.inf)
+    assert [(m.in_features, m.out_features) for m in net.layers] == [(12, 20), (20, 8), (8, 8)]
+    n = torch.arange(20)
+    assert torch.equal(net.layers[0].weight[n, n % 12], torch.full((20,), -10.0))  # 12 <= 20: identity
+    assert not (net.layers[1].weight == -10).any()  # 20 > 8: plain N(0, 1)
+    assert "first_width=20" in repr(net) and net.prototypes.shape == (3, 8)
+    assert net.lipschitz() == pytest.approx(1.0)
+    narrow = LinfDistNet(12, 3, depth=2, width=8, first_width=6)
+    assert not (narrow.layers[0].weight == -10).any()
+    with pytest.raises(ValueError, match="first_width .* depth 1"):
+        LinfDistNet(12, 3, depth=1, width=8, first_width=20)
+    with pytest.raises(ValueError, match="first_width"):
+        LinfDistNet(12, 3, depth=2, width=8, first_width=0)
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    keep, held = validation_split(1000, 100)
+    keep2, held2 = validation_split(1000, 100)
+    assert torch.equal(held, held2) and torch.equal(keep, keep2)
+    assert held.numel() == 100 and keep.numel() == 900
+    assert torch.equal(torch.cat([keep, held]).sort().values, torch.arange(1000))
+    assert held.tolist() == sorted(held.tolist())
+    with pytest.raises(ValueError, match="n_val"):
+        validation_split(10, 10)
+
+
+def test_recipe_options_are_checked():
+    for kwargs, msg in (({"p_hold": 0.6, "p_inf": 0.5}, "--p-hold 0.6 plus --p-inf 0.5 exceed 1"),
+                        ({"p_inf": 1.5}, "--p-inf"), ({"crop_padding": -1}, "--crop-padding"),
+                        ({"val_split": -5}, "--val-split"), ({"width_first": 0}, "--width-first"),
+                        ({"depth": 1, "width_first": 1024}, "--width-first 1024 with --depth 1"),
+                        ({"cert_ce_final": 0.0}, "--cert-ce-final and --cert-ce-weight must both be 0"),
+                        ({"cert_ce_final": -1.0}, "--cert-ce-final")):
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(method="certified", **kwargs).resolved()
+
+
 def test_certified_config_defaults_and_checks():
     r = TrainConfig(method="certified").resolved()
     assert (r.model, r.optimizer, r.batch_size, r.weight_decay, r.lr) == ("linf-dist", "adam", 512, 0.0, 0.02)
@@ -285,10 +343,13 @@ def test_certified_loss_is_the_clipped_hinge_plus_ce():
 
 
 def _train_tiny(out, *, epochs=4, head="learnable"):
-    # a small net learns slowly from the hinge alone: a full CE term and a larger step help it
+    # a small net learns slowly from the hinge alone: a full CE term and a larger step help it; the
+    # recipe options (first-layer width, decaying CE, crop, validation split, p fractions) ride along
     cmd = [sys.executable, "-m", "drp_train", "train", "--method", "certified", "--depth", "2", "--width", "64",
-           "--head", head, "--epochs", str(epochs), "--limit-train", "2048", "--limit-test", "500", "--batch-size",
-           "64", "--lr", "0.05", "--cert-ce-weight", "1", "--out", str(out), "--quiet"]
+           "--width-first", "96", "--head", head, "--epochs", str(epochs), "--limit-train", "2304", "--limit-test",
+           "500", "--val-split", "256", "--crop-padding", "1", "--batch-size", "64", "--lr", "0.05",
+           "--cert-ce-weight", "1", "--cert-ce-final", "0.5", "--p-hold", "0.1", "--p-inf", "0.25",
+           "--out", str(out), "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     return res
@@ -320,6 +381,20 @@ def test_trained_network_certifies_and_attacks_never_break_a_certified_point(tin
         assert not bool((cert & ~robust).any()), "the standard suite broke a certified point"
         assert int(cert.sum()) <= int(robust.sum())
         assert not bool(_pgd_margin(model, x[cert], y[cert], eps, steps=40, restarts=2).any())
+
+
+def test_run_records_p_validation_and_recipe(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["p"] for r in rows][-1] == math.inf and rows[0]["p"] != math.inf
+    for r in rows:
+        assert 0.0 <= r["val_accuracy"] <= 1.0
+        if r["p"] == math.inf:  # certified on the held-out split whenever the net runs at p = inf
+            assert 0.0 < r["val_certified_accuracy"] <= r["val_accuracy"]
+        else:
+            assert r["val_certified_accuracy"] is None
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert (cfg["width_first"], cfg["val_split"], cfg["crop_padding"], cfg["cert_ce_final"]) == (96, 256, 1, 0.5)
+    assert (cfg["p_hold"], cfg["p_inf"]) == (0.1, 0.25)
 
 
 def test_drp_eval_reports_certified_accuracy(tiny_run, tmp_path):

@@ -100,6 +100,9 @@ def _add_train_parser(sub):
     a("--depth", type=int, default=_S, help=f"linf-dist: hidden LpDist layers (default {d('depth')})")
     a("--width", type=int, default=_S,
       help=f"linf-dist: neurons per hidden layer, also the prototype dimension (default {d('width')})")
+    a("--width-first", type=int, default=_S, metavar="N",
+      help="linf-dist: neurons of the first hidden layer (default: --width); at >= the input size (784 on "
+           "Fashion-MNIST) the identity initialisation reaches the first layer too")
     a("--head", choices=HEADS, default=_S,
       help=f"linf-dist: learnable prototypes with per-class offsets, or fixed DRP box prototypes "
            f"(default {d('head')})")
@@ -107,6 +110,20 @@ def _add_train_parser(sub):
       help=f"certified: the radius of the training margin (default {d('eps_train')})")
     a("--cert-ce-weight", type=float, default=_S,
       help=f"certified: weight of the cross-entropy term beside the clipped hinge (default {d('cert_ce_weight')})")
+    a("--cert-ce-final", type=float, default=_S, metavar="W",
+      help="certified: the CE weight at the end of the p schedule; it decays exponentially from --cert-ce-weight "
+           "as p rises (the l-inf-dist v2 recipe: 0.05 -> 0.0002; default: constant)")
+    a("--p-hold", type=float, default=_S, metavar="FRACTION",
+      help=f"certified: fraction of the steps held at p = 8 before p rises geometrically to 1000 (default {d('p_hold')})")
+    a("--p-inf", type=float, default=_S, metavar="FRACTION",
+      help=f"certified: fraction of the steps, the last ones, at p = inf (default {d('p_inf')})")
+    a("--crop-padding", type=int, default=_S, metavar="PIXELS",
+      help="random crop with this much zero padding, no flip (the l-inf-dist nets' Fashion-MNIST augmentation "
+           f"uses 1; default {d('crop_padding')}: off)")
+    a("--val-split", type=int, default=_S, metavar="N",
+      help="hold N training images out as a fixed validation split: metrics.jsonl records the validation "
+           "accuracy each epoch, and for certified runs at p = inf the certified accuracy at --eps "
+           f"(default {d('val_split')})")
     a("--optimizer", choices=OPTIMIZERS, default=_S, help=f"default {d('optimizer')}")
     a("--epochs", type=int, default=_S, help=f"default {d('epochs')}")
     a("--batch-size", type=int, default=_S, help=f"global batch size (default {d('batch_size')})")

@@ -51,8 +51,14 @@ class TrainConfig:
     depth: int = 5                         # linf-dist: hidden LpDist layers
     width: int = 512                       # linf-dist: neurons per hidden layer (= prototype dimension)
     head: str = "learnable"                # linf-dist: learnable prototypes + offsets, or fixed DRP prototypes
-    eps_train: Optional[float] = None      # certified: hinge margin radius; default 2.25 eps
-    cert_ce_weight: float = 0.05           # certified: weight of the cross-entropy term
+    width_first: Optional[int] = None      # linf-dist: neurons of the first hidden layer; default: width
+    eps_train: Optional[float] = None      # certified: hinge margin radius; default EPS_TRAIN_FACTOR * eps
+    cert_ce_weight: float = 0.05           # certified: weight of the cross-entropy term (at the start)
+    cert_ce_final: Optional[float] = None  # certified: CE weight at the end of the p schedule (exponential decay); default: constant
+    p_hold: float = 0.05                   # certified: fraction of the steps at p = 8
+    p_inf: float = 0.10                    # certified: fraction of the steps at p = inf (the last ones)
+    crop_padding: int = 0                  # random crop with this zero padding, no flip (0: off)
+    val_split: int = 0                     # training images held out (a fixed split) for validation
     optimizer: Optional[str] = None        # default: adam for certified, sgd otherwise
     epochs: int = 10
     batch_size: Optional[int] = None       # global batch (split over DDP ranks); default DEFAULT_BATCH_SIZE
@@ -142,6 +148,23 @@ class TrainConfig:
         _int_at_least("--depth", self.depth, 1)
         _int_at_least("--width", self.width, 1)
         _float_range("--cert-ce-weight", self.cert_ce_weight, low=0.0)
+        if self.width_first is not None:
+            _int_at_least("--width-first", self.width_first, 1)
+            if self.depth == 1 and self.width_first != self.width:
+                raise ConfigError(f"--width-first {self.width_first} with --depth 1: the only hidden layer is the "
+                                  f"last one, whose width (--width {self.width}) is the prototype dimension")
+        if self.cert_ce_final is not None:
+            _float_range("--cert-ce-final", self.cert_ce_final, low=0.0)
+            if (self.cert_ce_final == 0) != (self.cert_ce_weight == 0):
+                raise ConfigError("--cert-ce-final and --cert-ce-weight must both be 0 or both > 0 (the CE weight "
+                                  f"decays exponentially from one to the other), got {self.cert_ce_weight} and "
+                                  f"{self.cert_ce_final}")
+        _float_range("--p-hold", self.p_hold, low=0.0, high=1.0)
+        _float_range("--p-inf", self.p_inf, low=0.0, high=1.0)
+        if self.p_hold + self.p_inf > 1.0:
+            raise ConfigError(f"--p-hold {self.p_hold} plus --p-inf {self.p_inf} exceed 1 (fractions of the steps)")
+        _int_at_least("--crop-padding", self.crop_padding, 0)
+        _int_at_least("--val-split", self.val_split, 0)
         if self.eps_train is not None:
             _float_range("--eps-train", self.eps_train, low=0.0, high=1.0)
         if self.method == "certified" and self.model not in (None, "linf-dist"):

@@ -36,6 +36,7 @@ __all__ = [
     "input_shape",
     "normalization",
     "augment_batch",
+    "validation_split",
     "safe_unpickle",
     "read_idx",
 ]
@@ -322,6 +323,20 @@ def _load_cifar_split(name, root, split):
     x = torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32).copy())
     y = torch.from_numpy(np.concatenate(ys))
     return x, y
+
+
+# ----------------------------------------------------------------------------- validation split
+#: The seed of the held-out validation split: fixed, so every run (any --seed) holds out the same images.
+VALIDATION_SEED = 20261206
+
+
+def validation_split(n: int, n_val: int):
+    """(train indices, validation indices) of n training samples, n_val of them held out: a fixed
+    random subset (the same for every run and seed), both index tensors sorted."""
+    if not 0 < n_val < n:
+        raise ValueError(f"n_val must be in [1, {n - 1}], got {n_val}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 # ----------------------------------------------------------------------------- augmentation

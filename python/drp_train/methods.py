@@ -22,7 +22,7 @@ import drp_kernels
 from drp_kernels.attacks import eval_mode
 from drp_kernels.attacks._common import margin as logit_margin
 
-__all__ = ["Method", "make_method", "Certified", "p_schedule"]
+__all__ = ["Method", "make_method", "Certified", "p_schedule", "ce_schedule"]
 
 
 class Method:
@@ -175,19 +175,29 @@ P_HOLD_FRACTION = 0.05   # p = P_START for the first 5% of the steps
 P_INF_FRACTION = 0.10    # p = inf for the last 10%
 
 
-def p_schedule(step: int, total: int) -> float:
+def p_schedule(step: int, total: int, *, hold: float = P_HOLD_FRACTION, inf: float = P_INF_FRACTION) -> float:
     """The p of certified training at optimiser step ``step`` of ``total``: P_START for the first
-    P_HOLD_FRACTION of the steps, then rising geometrically to P_END, then inf for the last
-    P_INF_FRACTION. Rounded to integers, which the CPU kernels compute by repeated squaring."""
+    ``hold`` fraction of the steps, then rising geometrically to P_END, then inf for the last ``inf``
+    fraction (at least the last step). Rounded to integers, which the CPU kernels compute by
+    repeated squaring."""
     total = max(int(total), 1)
-    hold = int(round(P_HOLD_FRACTION * total))
-    inf_from = total - max(1, int(round(P_INF_FRACTION * total)))
+    hold = int(round(hold * total))
+    inf_from = total - max(1, int(round(inf * total)))
     if step >= inf_from:
         return math.inf
     if step < hold or inf_from <= hold:
         return P_START
     frac = (step - hold) / max(1, inf_from - 1 - hold)
     return float(round(P_START * (P_END / P_START) ** min(1.0, frac)))
+
+
+def ce_schedule(p: float, start: float, final: float) -> float:
+    """The CE weight of certified training at p: ``start`` at P_START, ``final`` from P_END on (p = inf
+    included), exponential in between along the geometric p schedule (the l-inf-dist v2 recipe)."""
+    if start == final or start == 0.0:
+        return start
+    frac = 1.0 if p == math.inf else min(1.0, max(0.0, math.log(p / P_START) / math.log(P_END / P_START)))
+    return start * (final / start) ** frac
 
 
 class Certified(Method):
@@ -203,13 +213,19 @@ class Certified(Method):
 
     name = "certified"
 
-    def __init__(self, *, eps: float, eps_train: float, ce_weight: float):
+    def __init__(self, *, eps: float, eps_train: float, ce_weight: float, ce_final: Optional[float] = None,
+                 p_hold: float = P_HOLD_FRACTION, p_inf: float = P_INF_FRACTION):
         super().__init__(eps=eps)
         self.eps_train = float(eps_train)
-        self.ce_weight = float(ce_weight)
+        self.ce_start = float(ce_weight)
+        self.ce_final = self.ce_start if ce_final is None else float(ce_final)
+        self.ce_weight = self.ce_start
+        self.p_hold, self.p_inf = float(p_hold), float(p_inf)
 
     def before_step(self, net, step, total):
-        net.set_p(p_schedule(step, total))
+        p = p_schedule(step, total, hold=self.p_hold, inf=self.p_inf)
+        net.set_p(p)
+        self.ce_weight = ce_schedule(p, self.ce_start, self.ce_final)
 
     def loss(self, model, attack_model, x, y, *, generator, autocast):
         with autocast():
@@ -239,5 +255,6 @@ def make_method(cfg, *, prototypes: Optional[torch.Tensor] = None) -> Method:
     if cfg.method == "trades":
         return TRADES(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, beta=cfg.trades_beta)
     if cfg.method == "certified":
-        return Certified(eps=cfg.eps, eps_train=cfg.eps_train, ce_weight=cfg.cert_ce_weight)
+        return Certified(eps=cfg.eps, eps_train=cfg.eps_train, ce_weight=cfg.cert_ce_weight,
+                         ce_final=cfg.cert_ce_final, p_hold=cfg.p_hold, p_inf=cfg.p_inf)
     raise ValueError(f"method must be one of drp, ce, pgd-at, trades, fast-at, certified, got {cfg.method!r}")

@@ -209,7 +209,8 @@ def build_model(name: str, *, in_channels: int, num_classes_or_dim: int, input_s
 
 
 def build_linf_dist(*, in_shape: Sequence[int], num_classes: int, depth: int, width: int, head: str,
-                    mean: Sequence[float], std: Sequence[float], p: float = 8.0) -> nn.Module:
+                    mean: Sequence[float], std: Sequence[float], p: float = 8.0,
+                    first_width: Optional[int] = None) -> nn.Module:
     """A ``drp_kernels.LinfDistNet`` for inputs of ``in_shape`` (C, H, W) in [0, 1], standardised
     per channel inside the model (so its Lipschitz constant is ``1 / min(std)`` at p = inf).
     The prototypes start at zero: the trainer sets them (``repulsive_prototypes``)."""
@@ -222,7 +223,7 @@ def build_linf_dist(*, in_shape: Sequence[int], num_classes: int, depth: int, wi
     if mean_t.numel() != c * per_channel or std_t.numel() != c * per_channel:
         raise ValueError(f"mean and std need {c} values, got {len(mean)} and {len(std)}")
     return drp_kernels.LinfDistNet(c * per_channel, num_classes, depth=depth, width=width, head=head,
-                                   mean=mean_t, std=std_t, p=p)
+                                   mean=mean_t, std=std_t, p=p, first_width=first_width)
 
 
 def build_network(cfg, *, output_dim: int) -> nn.Module:
@@ -233,6 +234,7 @@ def build_network(cfg, *, output_dim: int) -> nn.Module:
     c, h, _ = info["shape"]
     if cfg.model == "linf-dist":
         return build_linf_dist(in_shape=info["shape"], num_classes=info["classes"], depth=cfg.depth,
-                               width=cfg.width, head=cfg.head, mean=info["mean"], std=info["std"])
+                               width=cfg.width, head=cfg.head, mean=info["mean"], std=info["std"],
+                               first_width=getattr(cfg, "width_first", None))
     return build_model(cfg.model, in_channels=c, num_classes_or_dim=output_dim, input_size=h,
                        mean=info["mean"], std=info["std"])

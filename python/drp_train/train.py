@@ -53,7 +53,7 @@ from ._cli_utils import pick_device
 from .checkpoint import (atomic_write, config_of, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
-from .data import DATASET_INFO, augment_batch, check_available, load_dataset
+from .data import DATASET_INFO, augment_batch, check_available, load_dataset, validation_split
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingInterrupted
 from .methods import DRP, make_method
 from .models import build_network
@@ -331,6 +331,13 @@ class _Trainer:
 
         x_train, y_train = load_dataset(cfg.dataset, split="train", data_dir=cfg.data_dir, limit=cfg.limit_train)
         x_test, y_test = load_dataset(cfg.dataset, split="test", data_dir=cfg.data_dir, limit=cfg.limit_test)
+        self.x_val = self.y_val = None
+        if cfg.val_split:
+            if cfg.val_split >= x_train.shape[0]:
+                raise ConfigError(f"--val-split {cfg.val_split} leaves no training images of {x_train.shape[0]}")
+            keep, held = validation_split(x_train.shape[0], cfg.val_split)
+            self.x_val, self.y_val = x_train[held].to(device), y_train[held].to(device)
+            x_train, y_train = x_train[keep], y_train[keep]
         if x_train.shape[0] < info.world_size:
             raise ConfigError(f"--limit-train {x_train.shape[0]} is smaller than the {info.world_size} DDP processes")
         self.x_train, self.y_train = x_train.to(device), y_train.to(device)
@@ -452,6 +459,8 @@ class _Trainer:
         xb = self.x_train[idx]
         if cfg.augment:
             xb = augment_batch(xb, generator=gen)
+        if cfg.crop_padding:
+            xb = augment_batch(xb, generator=gen, pad=cfg.crop_padding, flip=False)
         xb = xb.float().div_(255.0).contiguous(memory_format=self.memory_format)
         yb = self.y_train[idx]
         loss, logits = self.method.loss(self.train_forward, self.attack_model, xb, yb, generator=gen,
@@ -493,6 +502,7 @@ class _Trainer:
             "train_accuracy": totals[1] / max(totals[2], 1.0),
             "train_on": "adversarial" if self.method.adversarial else "clean",
             "test_accuracy": test_acc,
+            **self._validation_metrics(),
             "epoch_time_s": epoch_time,
             "samples_per_s": samples / max(epoch_time, 1e-9),
             "train_time_s": self.train_time,
@@ -506,6 +516,31 @@ class _Trainer:
             log.info("%s: epoch %d/%d  loss %.4f  %s %.4f  test acc %.4f  %.1fs", self.label, epoch + 1,
                      cfg.epochs, row["train_loss"], acc, row["train_accuracy"], test_acc, epoch_time)
         return test_acc
+
+    def _validation_metrics(self) -> dict:
+        """For certified runs the current p; with --val-split the validation accuracy and, whenever the
+        network runs at p = inf (where the certificate is tight), its certified accuracy at --eps."""
+        row = {}
+        if self.cfg.model == "linf-dist":
+            row["p"] = self.net.p
+        if self.x_val is None:
+            return row
+        row["val_accuracy"] = self._evaluate(self.classifier, self.x_val, self.y_val, self.autocast)
+        if self.cfg.model == "linf-dist":
+            row["val_certified_accuracy"] = self._certified(self.x_val, self.y_val) if self.net.p == math.inf else None
+        return row
+
+    @torch.no_grad()
+    def _certified(self, x, y) -> float:
+        """Certified accuracy at --eps on (x, y), certified in chunks and summed over the DDP ranks."""
+        info = self.info
+        idx = torch.arange(info.rank, x.shape[0], info.world_size, device=x.device)
+        hits = torch.zeros((), dtype=torch.float64, device=x.device)
+        for i in range(0, idx.numel(), self.cfg.eval_batch_size):
+            j = idx[i:i + self.cfg.eval_batch_size]
+            xb = x[j].float().div(255.0)
+            hits += drp_kernels.certify(self.net, xb, y[j], self.cfg.eps).sum().double()
+        return float(ddp.all_reduce_sum(hits, info).item()) / x.shape[0]
 
     def _agree_stop(self) -> bool:
         """Whether Ctrl-C was pressed (on any rank)."""
