@@ -114,7 +114,8 @@ def _add_train_parser(sub):
       help="certified: the CE weight at the end of the p schedule; it decays exponentially from --cert-ce-weight "
            "as p rises (the l-inf-dist v2 recipe: 0.05 -> 0.0002; default: constant)")
     a("--p-hold", type=float, default=_S, metavar="FRACTION",
-      help=f"certified: fraction of the steps held at p = 8 before p rises geometrically to 1000 (default {d('p_hold')})")
+      help=f"certified: fraction of the steps held at p = 8 before p rises geometrically to 1000 "
+           f"(default {d('p_hold')})")
     a("--p-inf", type=float, default=_S, metavar="FRACTION",
       help=f"certified: fraction of the steps, the last ones, at p = inf (default {d('p_inf')})")
     a("--crop-padding", type=int, default=_S, metavar="PIXELS",

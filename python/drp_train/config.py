@@ -54,7 +54,7 @@ class TrainConfig:
     width_first: Optional[int] = None      # linf-dist: neurons of the first hidden layer; default: width
     eps_train: Optional[float] = None      # certified: hinge margin radius; default EPS_TRAIN_FACTOR * eps
     cert_ce_weight: float = 0.05           # certified: weight of the cross-entropy term (at the start)
-    cert_ce_final: Optional[float] = None  # certified: CE weight at the end of the p schedule (exponential decay); default: constant
+    cert_ce_final: Optional[float] = None  # certified: CE weight at the end of the p schedule; default: constant
     p_hold: float = 0.05                   # certified: fraction of the steps at p = 8
     p_inf: float = 0.10                    # certified: fraction of the steps at p = inf (the last ones)
     crop_padding: int = 0                  # random crop with this zero padding, no flip (0: off)
