@@ -1,4 +1,4 @@
-"""Build for drp_kernels and its compiled part, ``drp_kernels._C``.
+"""Build for drp_kernels and its compiled part, ``drp_kernels.ops._C`` (the kernels of ``csrc/``).
 
 ``pip install --no-build-isolation -e .`` compiles the C++ CPU sources always,
 and the CUDA sources as well when the installed torch has CUDA and nvcc is found.
@@ -59,7 +59,7 @@ def _extensions():
     if _want_cuda():
         return [
             cpp_extension.CUDAExtension(
-                name="drp_kernels._C",
+                name="drp_kernels.ops._C",
                 sources=cpp_sources + cu_sources,
                 define_macros=[("DRP_WITH_CUDA", None)],
                 extra_compile_args={
@@ -71,7 +71,7 @@ def _extensions():
         ]
     return [
         cpp_extension.CppExtension(
-            name="drp_kernels._C",
+            name="drp_kernels.ops._C",
             sources=cpp_sources,
             extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
             extra_link_args=["-fopenmp"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check OUT=dir`: the whole check a session holding a GPU runs, within 8 minutes of
+# `make gpu-check OUT=dir`: the whole check to run on a machine with a GPU, within 8 minutes of
 # wall time on one H200, offline (no package registry), leaving results even when cut short.
 #
 # Stages, each under its own `timeout` (SIGINT first, so pytest still writes its JSON), each
@@ -122,12 +122,12 @@ else
   stage build 130 "$OUT/build.log" env DRP_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
     "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
   stage build-check 20 "$OUT/build.log" "$PY" -c \
-    "from drp_kernels.ops import pgd_step as p; import sys; print('cuda kernels:', p.has_cuda_kernels(), p.extension_error()); sys.exit(0 if p.has_cuda_kernels() else 1)"
+    "from drp_kernels.ops import _extension as e; import sys; print('cuda kernels:', e.has_cuda_kernels(), e.load_error()); sys.exit(0 if e.has_cuda_kernels() else 1)"
 fi
 
 # ------------------------------------------------------------------ CUDA correctness tests
-tests=(tests/test_proto_loss.py tests/test_repulsion.py tests/test_pgd_step.py tests/test_prototypes.py)
-[ -f tests/test_lp_dist.py ] && tests+=(tests/test_lp_dist.py)
+tests=(tests/kernels/test_proto_loss.py tests/kernels/test_repulsion.py tests/kernels/test_pgd_step.py
+       tests/kernels/test_prototypes.py tests/kernels/test_lp_dist.py)
 xdist=()
 if "$PY" -c "import xdist" >/dev/null 2>&1; then
   xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")

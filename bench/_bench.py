@@ -3,7 +3,7 @@ import platform
 
 import torch
 
-__all__ = ["DEVICE_PEAKS", "device_name", "device_peaks", "copy_bandwidth_gbps", "versions", "compiled"]
+__all__ = ["DEVICE_PEAKS", "cpu_model", "device_name", "device_peaks", "copy_bandwidth_gbps", "versions", "compiled"]
 
 # Datasheet peaks (dense): HBM bandwidth (GB/s) and FP32 / TF32 / BF16 TFLOP/s. The H200 has the
 # H100 SXM's arithmetic with faster memory.
@@ -15,6 +15,18 @@ DEVICE_PEAKS = {
 _COPY_BYTES = 1 << 30
 _copy_gbps = {}
 _compiled = {}
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def device_name(device) -> str:

@@ -121,12 +121,14 @@ def test_square_query_overhead(benchmark, timed, provider, points):
     """Square's per-query bookkeeping (proposal, acceptance, random draws) on the CPU, 1 thread:
     the fused C++ ops ("fused", the default on CPU) against the same algorithm in PyTorch ops
     ("pytorch", used on other devices), 300 queries on ``points`` 1x28x28 points. The numbers
-    of the Evaluation engine section of RESULTS.md (bit-identical outputs: tests/test_square_fused.py)."""
+    of the Evaluation engine section of RESULTS.md (bit-identical outputs: tests/kernels/test_square_fused.py)."""
     import importlib
 
+    from drp_kernels.ops.square import fused_ops
+
     sq = importlib.import_module("drp_kernels.attacks.square")
-    if provider == "fused" and sq._fused_ops() is None:
-        pytest.skip("drp_kernels._C without the Square ops")
+    if provider == "fused" and fused_ops() is None:
+        pytest.skip("drp_kernels.ops._C without the Square ops")
     queries = 300
     x = torch.rand(points, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(points, dtype=torch.long)
@@ -218,7 +220,7 @@ def _floor_run(model, x, y, eps, batch, robust):
     import time
 
     from drp_kernels.attacks import _common as C
-    from drp_kernels.attacks.evaluate import SUITES
+    from drp_kernels.attacks import SUITES
 
     cfg = SUITES["standard"]
     t0, c0 = time.perf_counter(), time.process_time()

@@ -1,5 +1,5 @@
 """`drp eval` at scale: one process with one thread against `torchrun` with N processes of one
-thread each, on the same points, the same eps and the same suite (issue 24's target: two
+thread each, on the same points, the same eps and the same suite (the target: two
 processes on the 2-core CPU at least 1.7x faster than one, on 1000 points).
 
 A script, not a pytest-benchmark file: each run is a separate `drp eval` process tree, timed
@@ -28,19 +28,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import cpu_model  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 1.7
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit():
@@ -122,8 +114,9 @@ def main(argv=None):
     first = reports[1]
     out = {
         "bench": "eval_scale",
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__, "commit": _git_commit()},
+        "machine": {"cpu": cpu_model() or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "commit": _git_commit()},
         "settings": {"checkpoint": os.path.relpath(os.path.abspath(args.checkpoint), REPO), "points": args.limit,
                      "eps": [float(e) if "/" not in e else e for e in args.eps], "suite": args.suite,
                      "norm": args.norm, "processes": args.processes, "threads_per_process": 1,

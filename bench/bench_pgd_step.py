@@ -7,7 +7,7 @@ what the rule costs an eager implementation.
 
 Run: python -m pytest bench/bench_pgd_step.py --benchmark-only [--benchmark-json=...]
 bytes_moved counts 3 reads (x_adv, x, grad) and 1 write (x_adv) of the batch.
-On the CPU only B=512, 3x32x32, float32 runs (the issue's CPU target shape); the GPU
+On the CPU only B=512, 3x32x32, float32 runs (the CPU target shape); the GPU
 shape list (B=512 and 4096 of 3x32x32, B=256 of 3x224x224; float32 and bfloat16)
 runs on CUDA.
 """

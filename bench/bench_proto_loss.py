@@ -9,7 +9,7 @@ Providers (grouped per op + shape + mode):
   cdist     (linf logits) -torch.cdist(z, P, p=inf)
   matmul    (cosine) one cuBLAS matmul z @ P.T of the same shape (the CE target compares to it)
 
-Issue targets (CUDA, H100): loss-only linf fwd+bwd B=8192 D=512 C=1000 >= 5x eager and >= 2x
+Targets (CUDA, H100): loss-only linf fwd+bwd B=8192 D=512 C=1000 >= 5x eager and >= 2x
 compiled; fused cosine CE B=4096 D=512 C=100000 with peak memory <= 10% of one B x C fp32
 matrix and forward <= 1.5x one matmul; linf logits B=4096 C=4096 D=512 >= 10x cdist.
 On the CPU small shapes stand in so the file runs in a couple of minutes. Out-of-memory (e.g.

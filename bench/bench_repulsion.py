@@ -10,7 +10,7 @@ Providers (grouped per metric + kind + shape + mode):
   pdist     (linf) energy from torch.nn.functional.pdist(P, p=inf) (C(C-1)/2 distances), autograd
 
 Modes: "fwd" (energy) and "fwd+bwd" (energy and gradient w.r.t. P).
-Issue targets (CUDA, H100): cosine softmin fwd+bwd C=100000 D=512 at most 3x ``matmul`` with
+Targets (CUDA, H100): cosine softmin fwd+bwd C=100000 D=512 at most 3x ``matmul`` with
 memory O(C*D) (the reference cannot fit: eager/compiled are skipped); linf fwd+bwd C=20000 D=512
 at least 20x ``pdist`` where it fits. Providers whose memory would not fit are skipped; the peak
 memory of each provider that runs is in ``extra_info["peak_memory_bytes"]``.

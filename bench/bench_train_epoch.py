@@ -32,7 +32,7 @@ import drp_kernels.layers as layers
 from drp_kernels import reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import device_name, versions  # noqa: E402
+from _bench import cpu_model, device_name, versions  # noqa: E402
 
 N_TRAIN = 60000
 
@@ -87,17 +87,6 @@ def _schedule(epochs, batch):
 
     total = epochs * math.ceil(N_TRAIN / batch)
     return [p_schedule(t, total) for t in range(total)]
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def main(argv=None):
@@ -191,7 +180,7 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"step {k}: {v:.2f}")
     if args.json:
-        out = {"device": device_name("cpu"), "cpu": _cpu_model(), "versions": versions(), "depth": args.depth,
+        out = {"device": device_name("cpu"), "cpu": cpu_model(), "versions": versions(), "depth": args.depth,
                "width": args.width, "load_average_start": load_start, "load_average": list(os.getloadavg()),
                "step_ratios": ratios, "rows": rows}
         with open(args.json, "w") as f:

@@ -1,5 +1,5 @@
 """Re-run the committed Fashion-MNIST evaluations with today's engine and compare them with the
-committed figures, side by side with a reseed (issue 24: the per-point keyed draws must keep the
+committed figures, side by side with a reseed (the per-point keyed draws must keep the
 suite's strength; each robust accuracy should stay within the noise of a reseed).
 
 For each committed report (results/fashion-mnist/*/eval*.json) it runs the same `drp eval`

@@ -1,7 +1,7 @@
-// drp_kernels._C: the all-pairs lp distance out[b, n] = (sum_k |x[b, k] - w[n, k]|^p)^(1/p)
+// drp_kernels.ops._C: the all-pairs lp distance out[b, n] = (sum_k |x[b, k] - w[n, k]|^p)^(1/p)
 // on the CPU, forward and fused backward, for p in [1, inf].
 //
-// Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in pgd_step.cpp).
+// Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in drp.cpp).
 //   lp_dist_cpu_forward(x, w, p, stats) -> (out, idx, inv, r)
 //     idx: (B, N) first arg-max k for p = inf with stats, else (0, 0)
 //     inv, r: (B, N) for finite p > 1 with stats, else (0, 0): what the backward needs (below)

@@ -1,7 +1,7 @@
-// drp_kernels._C: the batched PGD step and the random start of the eps ball.
+// drp_kernels.ops._C: the batched PGD step and the random start of the eps ball.
 //
-// Schemas live in TORCH_LIBRARY(drp, m); CPU kernels here (at::parallel_for),
-// CUDA kernels in pgd_step_cuda.cu (no torch headers) behind DRP_WITH_CUDA.
+// Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in drp.cpp); CPU kernels
+// here (at::parallel_for), CUDA kernels in pgd_step_cuda.cu (no torch headers) behind DRP_WITH_CUDA.
 //
 // Layout: sample b must be the dense block [b*D, (b+1)*D) of every tensor. That
 // holds for contiguous and channels_last tensors (the batch stride is outermost
@@ -576,7 +576,7 @@ Tensor ball_init_cuda(const Tensor& x, const Tensor& noise, const c10::optional<
 }  // namespace
 }  // namespace drp
 
-TORCH_LIBRARY(drp, m) {
+TORCH_LIBRARY_FRAGMENT(drp, m) {
   m.def(
       "pgd_step_(Tensor(a!) x_adv, Tensor x, Tensor grad, float eps, float alpha, Tensor? eps_per_sample, "
       "Tensor? alpha_per_sample, Tensor? active, str norm, float lower, float upper) -> ()");
@@ -596,11 +596,3 @@ TORCH_LIBRARY_IMPL(drp, CUDA, m) {
   m.impl("ball_init", &drp::ball_init_cuda);
 }
 #endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-#ifdef DRP_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
-}

@@ -1,21 +1,21 @@
-// drp_kernels._C: the per-query bookkeeping of the L-inf Square Attack on the CPU, fused
+// drp_kernels.ops._C: the per-query bookkeeping of the L-inf Square Attack on the CPU, fused
 // (drp_kernels/attacks/square.py). Each query of the attack is one forward pass of the model
 // plus, around it, a proposal and an acceptance; done with PyTorch ops these take about a dozen
 // small kernels each (a window mask, where, clamp, an equality test, the margin, two wheres),
 // which on the CPU cost 0.1-1 ms per query for 7-145 points of 28x28, as much as a small
 // model's forward. Here each is one pass over the working batch.
 //
-// Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in pgd_step.cpp).
+// Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in drp.cpp).
 //   square_propose_cpu(x, x_best, eps, vh, vw, s, signs) -> x_new
 //     x, x_best: (k, c, h, w) contiguous; eps: (k,) of x's dtype; vh, vw: (k,) int64 window
 //     corners with 0 <= vh <= h - s, 0 <= vw <= w - s; signs: (k, c) of x's dtype, +1 or -1.
 //     x_new = x_best, except on the s x s window at (vh, vw) of every channel, where it is
 //     clamp(x + eps * sign, 0, 1). A proposal equal to x_best everywhere would waste the query;
 //     there channel 0's sign is flipped and its window written again.
-//   square_accept_cpu_(x_best!, margin_best!, x_new, logits, y) -> int
+//   square_accept_cpu_(x_best!, margin_best!, x_new, logits, y) -> broken
 //     margin = z_y - max_{i != y} z_i in float32 (NaN in a row gives NaN); where it is below
 //     margin_best, x_best and margin_best take the proposal's. Returns how many points have
-//     margin_best <= 0 afterwards (broken).
+//     margin_best <= 0 afterwards (broken), as a 0-d int64 tensor (so the op traces like any other).
 //   square_draws_cpu(keys, counter, bounds, n_signs, dtype) -> (ints, signs)
 //     The per-point keyed draws of one query (drp_kernels/attacks/_keys.py `bits`): with n =
 //     len(bounds) + n_signs and b_j = mix64(key + (counter * n + j + 1) * golden) (block `counter`
@@ -122,7 +122,7 @@ Tensor square_propose_cpu(const Tensor& x, const Tensor& xb, const Tensor& eps, 
   return out;
 }
 
-int64_t square_accept_cpu_(Tensor& xb, Tensor& mb, const Tensor& x_new, const Tensor& logits, const Tensor& y) {
+Tensor square_accept_cpu_(Tensor& xb, Tensor& mb, const Tensor& x_new, const Tensor& logits, const Tensor& y) {
   check_cpu(xb, "x_best");
   check_cpu(mb, "margin_best");
   check_cpu(x_new, "x_new");
@@ -170,7 +170,7 @@ int64_t square_accept_cpu_(Tensor& xb, Tensor& mb, const Tensor& x_new, const Te
       }
     });
   });
-  return broken;
+  return at::scalar_tensor(broken, xb.options().dtype(at::kLong));
 }
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
@@ -216,7 +216,9 @@ TORCH_LIBRARY_FRAGMENT(drp, m) {
   m.def(
       "square_propose_cpu(Tensor x, Tensor x_best, Tensor eps, Tensor vh, Tensor vw, int s, Tensor signs) -> "
       "Tensor");
-  m.def("square_accept_cpu_(Tensor(a!) x_best, Tensor(b!) margin_best, Tensor x_new, Tensor logits, Tensor y) -> int");
+  m.def(
+      "square_accept_cpu_(Tensor(a!) x_best, Tensor(b!) margin_best, Tensor x_new, Tensor logits, Tensor y) -> "
+      "Tensor");
   m.def("square_draws_cpu(Tensor keys, int counter, int[] bounds, int n_signs, ScalarType dtype) -> (Tensor, Tensor)");
 }
 

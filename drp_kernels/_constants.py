@@ -6,11 +6,15 @@ disagree.
 """
 import math
 
+import torch
+
 __all__ = [
     "METRICS",
     "DEFAULT_METRIC",
     "METRIC_ID",
     "NORMS",
+    "FLOAT_DTYPES",
+    "HEADS",
     "REDUCTIONS",
     "REPULSION_KINDS",
     "KIND_ID",
@@ -29,6 +33,12 @@ METRIC_ID = {"linf": 0, "l2": 1, "cosine": 2}
 
 #: Threat-model norms of the PGD step and the attacks.
 NORMS = ("linf", "l2")
+
+#: The floating-point dtypes every op accepts.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: Prototype heads of ``LinfDistNet``: learnable prototypes with offsets, or fixed DRP prototypes.
+HEADS = ("learnable", "drp")
 
 #: Loss reductions, as in torch.
 REDUCTIONS = ("mean", "sum", "none")

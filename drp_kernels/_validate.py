@@ -1,4 +1,5 @@
-"""Argument checks shared by the public API (functional, modules, prototypes).
+"""Argument checks shared by the public API (functional, modules, prototypes, layers, certified,
+the attack engine).
 
 One policy everywhere: ``TypeError`` when an argument has the wrong Python type (not a
 tensor, not a number, a bool where a number is expected, not a string), ``ValueError``
@@ -12,7 +13,7 @@ import numbers
 
 import torch
 
-from ._constants import METRICS
+from ._constants import FLOAT_DTYPES, METRICS
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -21,12 +22,10 @@ __all__ = [
     "check_metric",
     "check_int",
     "check_float",
+    "check_p",
     "check_matrix",
     "check_targets",
 ]
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def check_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -58,19 +57,31 @@ def check_int(name: str, value, minimum: int) -> int:
 def check_float(name: str, value, *, positive: bool = False, minimum=None, maximum=None,
                 max_open: bool = False) -> float:
     """A finite real number (not bool); ``positive``: > 0; ``minimum``/``maximum``: inclusive bounds
-    (``max_open``: the maximum is excluded)."""
+    (``max_open``: the maximum is excluded). The ValueError names every bound."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and not v > 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and (v >= maximum if max_open else v > maximum):
-        raise ValueError(f"{name} must be {'<' if max_open else '<='} {maximum}, got {value!r}")
+    bounds = ["> 0"] if positive else []
+    if minimum is not None:
+        bounds.append(f">= {minimum:g}")
+    if maximum is not None:
+        bounds.append(f"{'<' if max_open else '<='} {maximum:g}")
+    below = (positive and not v > 0.0) or (minimum is not None and v < minimum)
+    above = maximum is not None and (v >= maximum if max_open else v > maximum)
+    if not math.isfinite(v) or below or above:
+        what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return v
+
+
+def check_p(p, name: str = "p") -> float:
+    """The exponent of an lp distance: a float in [1, inf] (``math.inf`` allowed)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [1, inf], got {type(p).__name__}")
+    p = float(p)
+    if math.isnan(p) or p < 1.0:
+        raise ValueError(f"{name} must be a float in [1, inf] (math.inf allowed), got {p!r}")
+    return p
 
 
 def check_matrix(name: str, value, *, dtypes=None, min_rows: int = 0, min_cols: int = 0) -> torch.Tensor:

@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import copy
 import math
-from numbers import Real
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._validate import check_int
-from .attacks._common import eval_mode
+from ._constants import HEADS
+from ._contexts import eval_mode
+from ._validate import check_float, check_int, check_p, check_tensor
+from .functional import lp_dist
 from .layers import LpDist
-from .ops.lp_dist import check_p, lp_dist
 from .reference import scaled_pnorm
 
 __all__ = ["LinfDistNet", "certify", "is_certifiable", "HEADS"]
-
-#: Prototype heads of ``LinfDistNet``.
-HEADS = ("learnable", "drp")
 
 # certify() demands margins above this fraction of the clean distances' magnitude (plus the same
 # absolute amount), so that float32 rounding in the attacked forward pass cannot flip a certified
@@ -249,25 +246,23 @@ def certify(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float)
     if not isinstance(net, LinfDistNet):
         raise TypeError(f"certify needs a drp_kernels.LinfDistNet (l-inf-distance layers with an L-inf prototype "
                         f"head, whose Lipschitz constant is known); a {type(net).__name__} has no certificate")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point torch.Tensor, got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    check_tensor("x", x)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {x.dtype}")
     if x.dim() < 2 or math.prod(x.shape[1:]) != net.in_features:
         raise ValueError(f"x must have shape (B, ...) with {net.in_features} values per sample, got {tuple(x.shape)}")
-    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"y must be an integer torch.Tensor of class indices, got "
-                        f"{type(y).__name__ if not isinstance(y, torch.Tensor) else y.dtype}")
+    check_tensor("y", y)
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"y must be an integer torch.Tensor of class indices, got {y.dtype}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= net.num_classes):
         raise ValueError(f"y must hold class indices in [0, {net.num_classes}), got values in "
                          f"[{int(y.min())}, {int(y.max())}]")
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(float(eps)) or float(eps) < 0:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    eps = check_float("eps", eps, minimum=0.0)
     dev = net.std.device
     if x.device != dev or y.device != dev:
         raise ValueError(f"x and y must be on the classifier's device {dev}, got {x.device} and {y.device}")
-    eps = float(eps)
     b = x.shape[0]
     if b == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev)

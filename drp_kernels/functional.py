@@ -1,6 +1,8 @@
-"""Functional API of drp_kernels (keyword-only options).
+"""Functional API of drp_kernels (keyword-only options): argument checks and backend choice, then the
+ops of ``drp_kernels.ops`` or the pure-PyTorch ``drp_kernels.reference``.
 
-``proto_loss`` and ``proto_logits`` run the fused Triton kernels of ``drp_kernels.ops.proto_loss``
+``lp_dist`` runs the C++ kernels of ``drp_kernels.ops.lp_dist`` for CPU tensors and its Triton kernels
+for CUDA tensors; ``proto_loss`` and ``proto_logits`` run the fused Triton kernels of ``drp_kernels.ops.proto_loss``
 for CUDA tensors and the pure-PyTorch ``drp_kernels.reference`` for CPU tensors;
 ``repulsion_energy`` dispatches the same way to ``drp_kernels.ops.repulsion``. ``DRP_BACKEND``
 overrides the choice (see ``drp_kernels._backend``).
@@ -16,14 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._backend import backend_for
+from ._backend import backend_for, lp_dist_backend
 from ._constants import DEFAULT_METRIC, REDUCTIONS, REPULSION_KINDS
-from ._validate import (FLOAT_DTYPES, check_choice, check_float, check_matrix, check_metric, check_targets,
-                        check_tensor)
+from ._validate import (FLOAT_DTYPES, check_choice, check_float, check_matrix, check_metric, check_p,
+                        check_targets, check_tensor)
+from .ops import lp_dist as _lp_ops
 from .ops import proto_loss as _proto_ops
 from .ops import repulsion as _repulsion_ops
 
-__all__ = ["proto_loss", "proto_logits", "paper_logits", "repulsion_energy", "target_checks_enabled"]
+__all__ = ["lp_dist", "proto_loss", "proto_logits", "paper_logits", "repulsion_energy", "target_checks_enabled"]
+
 
 def target_checks_enabled() -> bool:
     """Whether ``proto_loss`` range-checks its targets eagerly.
@@ -101,6 +105,51 @@ def _reduce_kept(per_sample, keep, reduction):
     if reduction == "sum":
         return per_sample.sum()
     return per_sample.sum() / keep.sum()  # no kept sample: 0 / 0 = NaN, as F.cross_entropy
+
+
+def _check_lp_inputs(x, w, p) -> float:
+    check_tensor("x", x)
+    check_tensor("w", w)
+    p = check_p(p)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (B, D), got shape {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (N, D), got shape {tuple(w.shape)}")
+    for name, t in (("x", x), ("w", w)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"w must be on x's device {x.device}, got {w.device}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} but w has D={w.shape[1]}: the feature dimensions must match")
+    return p
+
+
+def lp_dist(x, w, *, p):
+    """All-pairs lp distance: ``out[b, n] = (sum_k |x[b, k] - w[n, k]|^p)^(1/p)``.
+
+    Args:
+        x: (B, D) float32, float16, bfloat16 or float64.
+        w: (N, D) float tensor on x's device.
+        p: a float in [1, inf]; ``math.inf`` gives ``max_k |x[b, k] - w[n, k]|``.
+
+    Returns (B, N) float32 (float64 when x or w is float64), computed in fp32 (fp64) registers.
+    Gradients flow to x and w: ``sign(d) * |d|^(p-1) / out^(p-1)`` for finite p (zero where out is
+    0); for p = inf the subgradient at the first arg-max coordinate. Finite p is scaled by the
+    pair's maximum |d|, so p = 1000 neither overflows nor underflows. NaN in a row gives NaN.
+
+    CPU tensors run the C++ kernels, CUDA tensors the Triton kernels (float64 on CUDA: the
+    reference); ``DRP_BACKEND=reference`` forces ``drp_kernels.reference.lp_dist`` and
+    ``DRP_BACKEND=triton`` with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors.
+    """
+    p = _check_lp_inputs(x, w, p)
+    backend = lp_dist_backend(x, w, p)
+    if backend == "reference":
+        return reference.lp_dist(x, w, p)
+    stats = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if backend == "cpp" and not stats and not torch.compiler.is_compiling():
+        return _lp_ops.lp_dist_cpu_forward(x, w, p)  # nothing to differentiate or trace: no custom-op dispatch
+    return _lp_ops.lp_dist_op(x, w, p, backend == "triton", stats)[0]
 
 
 def proto_loss(z, prototypes, y, *, metric=DEFAULT_METRIC, reduction="mean", ce_weight=0.0, temperature=1.0,
@@ -182,9 +231,7 @@ def proto_logits(z, prototypes, *, metric=DEFAULT_METRIC):
     _check_proto_options(metric=metric)
     _check_proto_inputs(z, prototypes)
     if metric in ("linf", "l2"):
-        from .ops.lp_dist import lp_dist as _lp_dist
-
-        return -_lp_dist(z, prototypes, p=float("inf") if metric == "linf" else 2.0)
+        return -lp_dist(z, prototypes, p=float("inf") if metric == "linf" else 2.0)
     if not _use_kernels(z, prototypes):
         return reference.proto_logits(z, prototypes, metric=metric)
     return _proto_ops.proto_logits_op(z, prototypes, metric)

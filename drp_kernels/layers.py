@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops.lp_dist import check_p, lp_dist
+from ._validate import check_p
+from .functional import lp_dist
 
 __all__ = ["LpDist"]
 

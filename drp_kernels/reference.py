@@ -12,6 +12,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._constants import DEFAULT_METRIC
+
 __all__ = [
     "pgd_step",
     "random_init",
@@ -215,7 +217,7 @@ def proto_loss(
     prototypes: torch.Tensor,
     y: torch.Tensor,
     *,
-    metric: str = "linf",
+    metric: str = DEFAULT_METRIC,
     reduction: str = "mean",
     ce_weight: float = 0.0,
     temperature: float = 1.0,
@@ -266,7 +268,7 @@ def pairwise_distance(prototypes: torch.Tensor, *, metric: str) -> torch.Tensor:
 
 
 def repulsion_energy(
-    prototypes: torch.Tensor, *, metric: str = "cosine", kind: str = "softmin", temperature: float = 0.05
+    prototypes: torch.Tensor, *, metric: str = DEFAULT_METRIC, kind: str = "softmin", temperature: float = 0.05
 ) -> torch.Tensor:
     """All-pairs repulsion energy (a scalar); minimising it pushes prototypes apart.
 

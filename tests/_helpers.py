@@ -3,7 +3,8 @@
 * ``DEVICE``: where tests put the tensors of the Triton kernels: "cuda" when a GPU is present,
   else "cpu" (where tests/conftest.py has set TRITON_INTERPRET=1 so the kernels run under the
   interpreter). A test that forces ``DRP_BACKEND=triton`` must build its inputs on ``DEVICE``;
-  tests/test_test_hygiene.py checks this.
+  ``make lint`` checks this (tools/check_test_hygiene.py).
+* ``REPO``: the repository root (tests live one or two folders below it).
 * ``assert_verbose_allclose``: allclose that also matches NaN/inf placement and says where and
   by how much two tensors differ.
 * ``assert_png``: a finished PNG file (signature, size, nothing temporary left beside it).
@@ -14,15 +15,17 @@
 import gzip
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-__all__ = ["DEVICE", "assert_verbose_allclose", "PNG_SIGNATURE", "png_size", "assert_png", "idx_bytes",
+__all__ = ["DEVICE", "REPO", "assert_verbose_allclose", "PNG_SIGNATURE", "png_size", "assert_png", "idx_bytes",
            "make_idx_dataset", "optional_hypothesis"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def assert_verbose_allclose(actual, expected, *, atol=1e-6, rtol=1e-5, max_print=5, name="tensor"):

@@ -82,7 +82,12 @@ def main():
             run = os.path.join(args.out, "run-" + "".join(c if c.isalnum() else "-" for c in name)[:40])
             cmd = ["taskset", "-c", str(core % os.cpu_count())] + _train_cmd(name, variants[name], run,
                                                                             args.epochs, args.val_split)
-            core += 1
+            if os.path.isfile(os.path.join(run, "final.pt")):
+                cmd = ["true"]  # trained already: certify it
+            else:
+                if os.path.isfile(os.path.join(run, "last.pt")):
+                    cmd.append("--resume")  # an interrupted run continues where it stopped
+                core += 1
             print("start:", " ".join(cmd), flush=True)
             running.append((name, run, subprocess.Popen(cmd, env=env), time.time()))
         time.sleep(5)

@@ -5,7 +5,7 @@ address inside the same function) that contain no other loop, and counts their i
 by class: vector arithmetic, loads/broadcasts, stores, shuffles/inserts (per-lane work that a
 clean kernel does not need), scalar. Used for bench/RESULTS.md ("Disassembly").
 
-    python tools/loop_census.py drp_kernels/_C*.so --isa avx2 [--json out.json]
+    python tools/loop_census.py drp_kernels/ops/_C*.so --isa avx2 [--json out.json]
 """
 import argparse
 import json
@@ -18,7 +18,8 @@ KERNELS = ["fwd_max<float, 2, true>", "fwd_max<float, 4, true>", "fwd_max<float,
            "fwd_pow_sum<float, 2, -1, true, true>", "fwd_pow_sum<float, 4, -1, true, true>",
            "fwd_pow_sum<float, 2, -1, true, false>", "fwd_pow_sum<float, 4, -1, true, false>",
            "fwd_sparse_sum<float, 2>", "fwd_sparse_sum<float, 4>",
-           "bwd_rows<float, 7, false, true>", "bwd_rows<float, -1, false, true>", "bwd_sparse<float>",
+           "bwd_rows<float, 7, false, true, true>", "bwd_rows<float, 7, false, true, false>",
+           "bwd_rows<float, -1, false, true, false>", "bwd_sparse<float>",
            # the kernels of the previous revision (same census on an older build)
            "tile_max<float, true>", "tile_max<float, false>", "tile_sum<float, 8>", "tile_sum<float, -1>",
            "bwd_rows<float, 7, false>", "bwd_rows<float, -1, false>"]
@@ -44,8 +45,12 @@ def classify(op, args):
 
 
 def functions(path):
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], capture_output=True, text=True,
-                         check=True).stdout
+    if path.endswith(".txt"):  # a saved `objdump -d --no-show-raw-insn -C` listing
+        with open(path) as f:
+            out = f.read()
+    else:
+        out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], capture_output=True, text=True,
+                             check=True).stdout
     funcs, cur = {}, None
     for line in out.splitlines():
         m = FUNC.match(line)
@@ -75,8 +80,9 @@ def inner_loops(insns):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("so")
+    ap.add_argument("so", help="the extension (.so) or a saved objdump listing (.txt)")
     ap.add_argument("--isa", default="avx2")
+    ap.add_argument("--min", type=int, default=12, help="ignore loops with fewer instructions")
     ap.add_argument("--json")
     args = ap.parse_args()
     funcs = functions(args.so)
@@ -85,18 +91,19 @@ def main():
         if f"::{args.isa}::" not in name:
             continue
         short = name.split(f"::{args.isa}::", 1)[1].split("(")[0]
-        if not any(short.endswith(k) or short == k or k in short for k in KERNELS):
+        if not any(k in short for k in KERNELS) and "fwd_tile_impl" not in short:
             continue
-        loops = inner_loops(insns)
-        if not loops:
-            continue
-        s, e = max(loops, key=lambda se: se[1] - se[0])  # the largest innermost loop: the k loop body
-        body = insns[s:e + 1]
-        c = Counter(classify(op, a) for _, op, a in body)
-        ops = Counter(op for _, op, _ in body)
-        report[short] = {"instructions": len(body), "classes": dict(c), "ops": dict(ops.most_common())}
+        for n, (s, e) in enumerate(inner_loops(insns)):
+            body = insns[s:e + 1]
+            if len(body) < args.min:
+                continue
+            c = Counter(classify(op, a) for _, op, a in body)
+            ops = Counter(op for _, op, _ in body)
+            report[f"{short} loop {n}"] = {"instructions": len(body), "classes": dict(c),
+                                           "ops": dict(ops.most_common())}
     for k, v in report.items():
         print(f"{k}: {v['instructions']} instructions; " + ", ".join(f"{a} {b}" for a, b in v["classes"].items()))
+        print("    " + ", ".join(f"{o} {n}" for o, n in v["ops"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,5 +1,6 @@
-"""Shared pieces of the attack engine: input validation, eval-mode handling,
-losses on logits (CE, DLR, targeted DLR, margin) and the input-gradient helper.
+"""Shared pieces of the attack engine: input validation (built on ``drp_kernels._validate``),
+losses on logits (CE, DLR, targeted DLR, margin), the fused step on prepared budgets and the
+input-gradient helper.
 
 Conventions (torchattacks / AutoAttack): a model maps inputs in [0, 1] (NCHW, or
 any (B, ...) layout where an attack allows it) to logits (B, C); attacks return
@@ -17,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.pgd_step import _budget as _op_budget
-from ..prototypes import _single_thread
+from .._constants import NORMS
+from .._contexts import eval_mode, single_thread
+from .._validate import check_choice, check_float, check_int, check_tensor
+from ..ops.pgd_step import PreparedBudget, pgd_step_prepared_, prepare_budget
 
 __all__ = [
     "RobustnessWarning",
@@ -36,6 +39,7 @@ __all__ = [
     "step_budget",
     "fused_step_",
     "budget_view",
+    "exit_every",
     "model_device",
     "make_generator",
     "check_seed",
@@ -55,7 +59,6 @@ __all__ = [
 ]
 
 Budget = Union[float, torch.Tensor]
-NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr", "dlr-t")
 
 
@@ -64,22 +67,6 @@ class RobustnessWarning(UserWarning):
 
 
 # ------------------------------------------------------------------ model handling
-@contextlib.contextmanager
-def eval_mode(model):
-    """Put every submodule of ``model`` in eval mode; restore each one's own flag on exit
-    (also when the body raises), so mixed train/eval trees come back exactly as they were."""
-    if not isinstance(model, nn.Module):
-        yield model
-        return
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
 def check_model(model, name: str = "model") -> None:
     if not callable(model):
         raise TypeError(f"{name} must be a callable returning logits (e.g. an nn.Module), got {type(model).__name__}")
@@ -98,8 +85,7 @@ def model_device(model, fallback: torch.device) -> torch.device:
 # ---------------------------------------------------------------- input validation
 def check_images(x, *, name: str = "x", nchw: bool = False) -> None:
     """x: a floating tensor (B, ...) with every value finite and in [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(name, x)
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
     if nchw and x.dim() != 4:
@@ -120,8 +106,7 @@ def check_images(x, *, name: str = "x", nchw: bool = False) -> None:
 
 def check_labels(y, x, *, name: str = "y") -> torch.Tensor:
     """y: int64 tensor of shape (B,); returned on x's device."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int64 class indices, got {type(y).__name__}")
+    check_tensor(name, y)
     if y.dtype != torch.int64:
         raise ValueError(f"{name} must have dtype torch.int64 (class indices), got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -152,37 +137,27 @@ def check_budget(eps, x, *, name: str = "eps") -> Budget:
     """eps: a float >= 0 or a 1-D tensor of length B with values >= 0.
 
     Returns a Python float or a float32 tensor (B,) on x's device."""
-    if isinstance(eps, torch.Tensor):
-        if eps.dim() == 0:
-            eps = float(eps)
-        else:
-            if eps.dim() != 1 or eps.shape[0] != x.shape[0]:
-                raise ValueError(f"{name} must be a float or a 1-D tensor of length B={x.shape[0]}, "
-                                 f"got shape {tuple(eps.shape)}")
-            if not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
-                raise ValueError(f"{name} must hold real numbers, got dtype {eps.dtype}")
-            e = eps.detach().to(device=x.device, dtype=torch.float32)
-            if e.numel() and not bool(torch.isfinite(e).all() & (e >= 0).all()):
-                raise ValueError(f"{name} must be finite and >= 0 for every sample")
-            return e
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
-    return eps
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
+        eps = float(eps)
+    if not isinstance(eps, torch.Tensor):
+        return check_float(name, eps, minimum=0.0)
+    if eps.dim() != 1 or eps.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must be a float or a 1-D tensor of length B={x.shape[0]}, "
+                         f"got shape {tuple(eps.shape)}")
+    if not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must hold real numbers, got dtype {eps.dtype}")
+    e = eps.detach().to(device=x.device, dtype=torch.float32)
+    if e.numel() and not bool(torch.isfinite(e).all() & (e >= 0).all()):
+        raise ValueError(f"{name} must be a finite number >= 0 for every sample")
+    return e
 
 
 def check_positive_int(v, *, name: str, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
+    return check_int(name, v, minimum)
 
 
 def check_norm(norm, *, allowed=NORMS) -> str:
-    if norm not in allowed:
-        raise ValueError(f"norm must be one of {allowed}, got {norm!r}")
-    return norm
+    return check_choice("norm", norm, allowed)
 
 
 _UNSET = object()
@@ -202,21 +177,26 @@ def validate_attack(model, x, y, *, eps=_UNSET, norm=_UNSET, nchw: bool = False)
     return y, (None if eps is _UNSET else eps), (None if norm is _UNSET else norm)
 
 
-def step_budget(b: Budget, x: torch.Tensor, *, round_down: bool):
-    """A budget validated once for ``fused_step_``: (scalar, None) or (0.0, (B,) tensor in the
-    step's compute dtype). Validation syncs with the device once, here, not in every step."""
-    return _op_budget(b, "eps" if round_down else "alpha", x, round_down=round_down)
+def step_budget(b: Budget, x: torch.Tensor, *, round_down: bool) -> PreparedBudget:
+    """A budget validated once for ``fused_step_`` (``drp_kernels.ops.pgd_step.prepare_budget``):
+    eps when ``round_down``, else alpha. Validation syncs with the device once, here, not in every step."""
+    return prepare_budget(b, x, name="eps" if round_down else "alpha", round_down=round_down)
 
 
-def fused_step_(x_adv, x, grad, eps, alpha, norm, active=None):
-    """``drp_kernels.pgd_step_`` on budgets prepared by ``step_budget`` (no validation, so no
-    host sync): the per-iteration step of APGD and PGD."""
-    torch.ops.drp.pgd_step_(x_adv, x, grad, eps[0], alpha[0], eps[1], alpha[1], active, norm, 0.0, 1.0)
-    return x_adv
+def fused_step_(x_adv, x, grad, eps: PreparedBudget, alpha: PreparedBudget, norm, active=None):
+    """``drp_kernels.pgd_step_`` on budgets prepared by ``step_budget`` (no validation, so no host
+    sync): the per-iteration step of APGD, PGD and the paper's attack, in [0, 1]."""
+    return pgd_step_prepared_(x_adv, x, grad, eps, alpha, norm=norm, active=active)
 
 
-def subset_step_budget(b, idx):
-    return b if b[1] is None else (b[0], b[1][idx])
+def exit_every(device) -> int:
+    """How often an attack drops broken points from its working batch: every iteration on the CPU
+    (a host sync costs nothing there), every 10 on an accelerator (one sync per 10)."""
+    return 1 if device.type == "cpu" else 10
+
+
+def subset_step_budget(b: PreparedBudget, idx) -> PreparedBudget:
+    return b if b.per_sample is None else PreparedBudget(b.scalar, b.per_sample[idx])
 
 
 def budget_view(b: Budget, x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +221,7 @@ def make_generator(seed, device) -> Optional[torch.Generator]:
     """A generator on ``device`` seeded with ``seed``; None (global RNG) when seed is None."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    seed = check_int("seed", seed, 0)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
@@ -252,9 +231,7 @@ def check_seed(seed) -> int:
     """An int seed; None draws one from torch's global RNG (so ``torch.manual_seed`` fixes it)."""
     if seed is None:
         return int(torch.randint(0, 2 ** 62, ()))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0)
 
 
 def check_index(index, x) -> torch.Tensor:
@@ -403,7 +380,7 @@ class StableRows:
 
     def threads(self, x: torch.Tensor):
         """A context: one thread while a batch of fewer than THREADED_ROWS rows runs on the CPU."""
-        return _single_thread(x.device.type == "cpu" and x.shape[0] < THREADED_ROWS)
+        return single_thread(x.device.type == "cpu" and x.shape[0] < THREADED_ROWS)
 
     def __call__(self, x: torch.Tensor):
         with self.threads(x):

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-__all__ = ["StageProgress", "NULL_PROGRESS"]
+__all__ = ["StageProgress"]
 
 logger = logging.getLogger("drp_kernels.attacks")
 
@@ -90,23 +90,3 @@ class StageProgress:
             logger.info("%s: done in %.1f s, %d/%d points left", self.desc, time.perf_counter() - self._t0,
                         self.left, self.points)
         self.enabled = False
-
-
-class _NullProgress:
-    enabled = False
-
-    def eta(self) -> str:
-        """The time the stage still needs at its pace so far ("?" before the first iteration)."""
-        if self.done == 0:
-            return "?"
-        elapsed = time.perf_counter() - self._t0
-        return _fmt_seconds(elapsed / self.done * (self.total - self.done))
-
-    def update(self, n: int = 1, *, left=None) -> None:
-        pass
-
-    def close(self, *, left=None) -> None:
-        pass
-
-
-NULL_PROGRESS = _NullProgress()

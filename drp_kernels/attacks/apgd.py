@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.pgd_step import PreparedBudget
 from . import _common as C
 from . import _keys as R
 
@@ -46,12 +47,6 @@ def checkpoints(steps: int) -> list:
             out.append(w)
         p_prev, p = p, p + max(p - p_prev - 3, 6)
     return out
-
-
-def _exit_every(device) -> int:
-    """How often APGD drops broken points from its working batch: every iteration on the
-    CPU (a host sync costs nothing there), every 10 on an accelerator (one sync per 10)."""
-    return 1 if device.type == "cpu" else 10
 
 
 def _last_row(point, rows, n_points):
@@ -85,7 +80,7 @@ def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, keys, aux=None, x_start
     A point leaves the working batch once it is misclassified (per-point early exit), so
     broken points cost nothing further; the others follow exactly the same per-sample
     iteration as without the exit. Budgets are validated once, so the loop itself never
-    waits on the device except for the early exit (see ``_exit_every``).
+    waits on the device except for the early exit (see ``_common.exit_every``).
 
     Returns (x_out, fooled) per point: x_out is the first misclassified iterate where one
     was found, else the iterate of highest loss (of the point's last row)."""
@@ -135,7 +130,7 @@ def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, keys, aux=None, x_start
         eps_b = C.subset_step_budget(eps_b, keep)
         return keep.numel()
 
-    every = _exit_every(x.device)
+    every = C.exit_every(x.device)
     points_left = n_points
     left = drop_broken()
     marks, last_mark = set(checkpoints(steps)), 0
@@ -146,11 +141,11 @@ def _apgd_run(model, x, y, *, eps, steps, norm, loss_fn, keys, aux=None, x_start
             break
         xa, xp, g = s["x_adv"], s["x_prev"], s["grad"]
         buf = xa.clone()
-        C.fused_step_(buf, s["x"], g, eps_b, (0.0, s["step"]), norm)  # z = P(x_k + eta s(grad))
+        C.fused_step_(buf, s["x"], g, eps_b, PreparedBudget(0.0, s["step"]), norm)  # z = P(x_k + eta s(grad))
         if i > 0:
             # x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}) = a z + 2 (1 - a) x_k - (1 - a) x_{k-1}
             buf.mul_(MOMENTUM).add_(xa, alpha=2.0 * (1.0 - MOMENTUM)).add_(xp, alpha=-(1.0 - MOMENTUM))
-            C.fused_step_(buf, s["x"], torch.zeros_like(buf), eps_b, (0.0, None), norm)  # projection only
+            C.fused_step_(buf, s["x"], torch.zeros_like(buf), eps_b, PreparedBudget(0.0, None), norm)  # projection only
         s["x_prev"], s["x_adv"] = xa, buf
         logits, loss, grad = grad_at(buf, s["y"], s["aux"])
         s["grad"] = grad

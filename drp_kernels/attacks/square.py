@@ -2,8 +2,8 @@
 
 A score-based black-box attack: a random search that proposes one localised change per
 query and keeps it when the margin loss z_y - max_{i != y} z_i decreases. The window's area
-fraction p starts at p_init and is halved at iterations 10, 50, 200, 500, 1000, 2000, 4000,
-6000, 8000 of a 10000-query run (rescaled to the budget).
+fraction (the paper's p; ``window_fraction``) starts at p_init and is halved at iterations 10, 50,
+200, 500, 1000, 2000, 4000, 6000, 8000 of a 10000-query run (rescaled to the budget).
 
 L-inf: the search starts from vertical stripes (each column of each channel set to x +/- eps)
 and proposes to overwrite a random s x s window (s = round(sqrt(p h w))) of every channel with
@@ -26,7 +26,7 @@ its batch. Only samples still classified
 correctly are queried: a broken sample leaves the working batch at once (on an accelerator
 within 10 queries, so that the loop waits on the device only once per 10 queries). The search
 runs under ``torch.inference_mode``. On the CPU each query's draws and, for L-inf, proposal and
-acceptance run as fused C++ ops of ``drp_kernels._C`` (``square_draws_cpu``,
+acceptance run as fused C++ ops (``drp_kernels.ops.square``: ``square_draws_cpu``,
 ``square_propose_cpu``, ``square_accept_cpu_``; L2 uses the draws and the acceptance), bit for bit
 the PyTorch formulation used on other devices.
 """
@@ -34,42 +34,32 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
+from ..ops.square import fused_ops
 from . import _common as C
 from . import _keys as R
 
-__all__ = ["square", "p_schedule", "l2_pattern", "l2_window"]
+__all__ = ["square", "window_fraction", "l2_pattern", "l2_window"]
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _L2_TILES = 5  # the L2 start: a grid of 5 x 5 tiles
 
 
-def p_schedule(p_init: float, it: int, queries: int) -> float:
-    """The window's area fraction at iteration ``it`` of a ``queries``-query run."""
+def window_fraction(p_init: float, it: int, queries: int) -> float:
+    """The window's area fraction (the paper's p) at iteration ``it`` of a ``queries``-query run."""
     t = int(it / queries * 10000)
     halvings = sum(1 for h in _HALVINGS if t > h)
     return p_init / (2 ** halvings)
 
 
-def _fused_ops():
-    """(propose, accept, draws) of drp_kernels._C, or None when the extension (or a build with
-    these ops) is not loaded."""
-    try:
-        from ..ops import pgd_step as _ops  # loads drp_kernels._C, which registers torch.ops.drp.*
-
-        if _ops._C is None:
-            return None
-        return torch.ops.drp.square_propose_cpu, torch.ops.drp.square_accept_cpu_, torch.ops.drp.square_draws_cpu
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _exit_every(device) -> int:
-    """How often broken points leave the working batch: every query on the CPU, every 10 on
-    an accelerator (the check is a host sync)."""
-    return 1 if device.type == "cpu" else 10
+def p_schedule(p_init: float, it: int, queries: int) -> float:
+    """Deprecated name of :func:`window_fraction` (kept so older code keeps working; the certified
+    training's p schedule is ``drp_train.methods.p_schedule``)."""
+    warnings.warn("drp_kernels.attacks.square.p_schedule is window_fraction", DeprecationWarning, stacklevel=2)
+    return window_fraction(p_init, it, queries)
 
 
 # ------------------------------------------------------------------------------ draws
@@ -78,7 +68,7 @@ def _draws(keys, counter, bounds, n_signs, dtype, ops):
     signs ((k, n_signs) of dtype), keyed by (key, counter): the C++ op on the CPU, else the same
     bits from ``_keys``."""
     if ops is not None:
-        return ops[2](keys, counter, list(bounds), n_signs, dtype)
+        return ops.draws(keys, counter, list(bounds), n_signs, dtype)
     nb = len(bounds)
     b = R.bits(keys, counter, nb + n_signs)
     if nb:
@@ -222,11 +212,11 @@ def _square(model, x, y, *, eps, queries, p_init, keys, norm="linf", clean_logit
     keys: (B,) int64 CPU tensor, each point's key (``_keys``). Query-only, so it runs under
     ``torch.inference_mode``; the returned tensors are ordinary ones. progress: a
     StageProgress over ``queries`` iterations. fused: use the fused C++ per-query ops (default:
-    on CPU tensors when drp_kernels._C has them); False forces the PyTorch formulation (same
+    on CPU tensors when the extension has them); False forces the PyTorch formulation (same
     results, bit for bit)."""
-    ops = _fused_ops() if (fused is None or fused) and x.device.type == "cpu" else None
+    ops = fused_ops() if (fused is None or fused) and x.device.type == "cpu" else None
     if fused and ops is None:
-        raise RuntimeError("fused=True needs CPU tensors and drp_kernels._C built with the Square ops")
+        raise RuntimeError("fused=True needs CPU tensors and drp_kernels.ops._C built with the Square ops")
     with torch.inference_mode():
         x_best, fooled = _square_search(model, x, y, eps=eps, queries=queries, p_init=p_init, keys=keys, norm=norm,
                                         clean_logits=clean_logits, progress=progress, ops=ops)
@@ -256,20 +246,20 @@ def _square_search(model, x, y, *, eps, queries, p_init, keys, norm, clean_logit
         xc, xb, yc, mc = xc.contiguous(), xb.contiguous(), yc.contiguous(), mc.contiguous()
         ec = ec.reshape(-1).contiguous()
     side_max = max(min(h, w) - 1, 1)
-    every = _exit_every(dev)
+    every = C.exit_every(dev)
     for it in range(1, queries):
         k = xc.shape[0]
         if k == 0:
             if progress is not None:
                 progress.update(queries - it, left=0)
             break
-        p = p_schedule(p_init, it, queries)
+        p = window_fraction(p_init, it, queries)
         if norm == "linf":
             s = min(max(int(round(math.sqrt(p * h * w))), 1), side_max)
             ints, signs = _draws(kc, it, (h - s + 1, w - s + 1), c, x.dtype, ops)
             if ops is not None:
                 # the same arithmetic, fused (csrc/square.cpp)
-                x_new = ops[0](xc, xb, ec, ints[0], ints[1], s, signs)
+                x_new = ops.propose(xc, xb, ec, ints[0], ints[1], s, signs)
             else:
                 x_new = _propose_linf(xc, xb, ec, ints[0], ints[1], s, signs)
         else:
@@ -277,7 +267,7 @@ def _square_search(model, x, y, *, eps, queries, p_init, keys, norm, clean_logit
             ints, signs = _draws(kc, it, (h - s + 1, w - s + 1) * 2 + (2,), c, x.dtype, ops)
             x_new = _propose_l2(xc, xb, ec, ints.to(dev), signs.to(dev), s)
         if ops is not None:
-            n_broken = ops[1](xb, mc, x_new, model(x_new).contiguous(), yc)  # returns the number broken
+            n_broken = int(ops.accept_(xb, mc, x_new, model(x_new).contiguous(), yc))  # the number broken
         else:
             m_new = C.margin(model(x_new), yc)
             improved = m_new < mc

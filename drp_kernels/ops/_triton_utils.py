@@ -33,6 +33,7 @@ __all__ = [
     "HAS_TRITON",
     "require_triton",
     "autotune_enabled",
+    "interpreter_enabled",
     "interpreting",
     "fp32_dot_precision",
     "dot_precision_for",
@@ -64,9 +65,15 @@ def autotune_enabled() -> bool:
     return os.environ.get("DRP_AUTOTUNE", "0").strip().lower() in _TRUE
 
 
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (the one parser of that variable).
+    Triton reads it when a kernel is decorated, so it must be set before ``drp_kernels`` is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
 def interpreting(t: torch.Tensor) -> bool:
     """True when a kernel on ``t`` runs under the Triton interpreter (CPU tensor, TRITON_INTERPRET=1)."""
-    return not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+    return not t.is_cuda and interpreter_enabled()
 
 
 def fp32_dot_precision() -> str:

@@ -1,4 +1,4 @@
-"""Batched PGD step and random start: Python side of the ``drp_kernels._C`` ops.
+"""Batched PGD step and random start: Python side of the ``drp_kernels.ops._C`` ops.
 
 The compiled extension registers two ops (``csrc/pgd_step.cpp``):
 
@@ -31,53 +31,27 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .._constants import NORMS
+from .._constants import FLOAT_DTYPES, NORMS
+from . import _extension
 
-__all__ = ["pgd_step_", "random_init", "has_cuda_kernels", "extension_error"]
+__all__ = ["pgd_step_", "random_init", "prepare_budget", "pgd_step_prepared_", "PreparedBudget"]
 
 Budget = Union[float, torch.Tensor]
-_REBUILD = ("rebuild it with `DRP_FORCE_CUDA=1 pip install --no-build-isolation -e .` "
-            "(needs nvcc and a CUDA build of torch)")
-
-try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.drp.*)
-
-    _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    _C = None
-    _IMPORT_ERROR = exc
 
 
-def extension_error() -> Optional[str]:
-    """Why ``drp_kernels._C`` could not be loaded, or None when it is loaded."""
-    return None if _IMPORT_ERROR is None else f"{type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+class PreparedBudget(NamedTuple):
+    """A budget validated once (``prepare_budget``): a scalar, or 0.0 and a (B,) tensor in the
+    step's compute dtype on x's device."""
 
-
-def has_cuda_kernels() -> bool:
-    """True when ``drp_kernels._C`` is loaded and was built with its CUDA kernels."""
-    return _C is not None and bool(getattr(_C, "with_cuda", False))
-
-
-def _require_kernels(device: torch.device) -> None:
-    if _C is None:
-        raise RuntimeError(
-            f"drp_kernels._C is not built or failed to load ({extension_error()}); build it with "
-            "`pip install --no-build-isolation -e .` in the repository, or for CUDA kernels " + _REBUILD
-        )
-    if device.type == "cuda" and not has_cuda_kernels():
-        raise RuntimeError("drp_kernels._C was built without CUDA kernels but CUDA tensors were passed; " + _REBUILD)
-    if device.type not in ("cpu", "cuda", "meta"):
-        raise RuntimeError(f"drp_kernels kernels support CPU and CUDA tensors, got device {device}")
+    scalar: float
+    per_sample: Optional[torch.Tensor]
 
 
 # ------------------------------------------------------------------ validation
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -85,7 +59,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
@@ -112,8 +86,11 @@ def _check_bounds(lower, upper) -> None:
         raise ValueError(f"lower must be <= upper, got lower={lower}, upper={upper}")
 
 
-def _budget(v: Budget, name: str, x: torch.Tensor, *, round_down: bool):
-    """(scalar, per-sample tensor or None) for the op; validates v >= 0 and its length."""
+def prepare_budget(v: Budget, x: torch.Tensor, *, name: str = "eps", round_down: bool = True) -> PreparedBudget:
+    """``v`` (a float or a (B,) tensor, >= 0) validated once for steps on ``x``: attacks prepare eps
+    (``round_down``: rounded down to the compute dtype, so the ball never exceeds the caller's
+    budget) and alpha before their loop and call ``pgd_step_prepared_`` in it, without a host sync
+    per step. Raises ValueError naming ``name``."""
     batch = x.shape[0]
     if isinstance(v, torch.Tensor):
         numeric = v.is_floating_point() or v.dtype.is_signed or v.dtype == torch.uint8
@@ -137,13 +114,13 @@ def _budget(v: Budget, name: str, x: torch.Tensor, *, round_down: bool):
         if round_down and v.dtype == torch.float64 and cd == torch.float32:
             # Round down so the ball never exceeds the caller's budget.
             t = torch.where(t.double() > v.to(x.device), torch.nextafter(t, torch.full_like(t, -math.inf)), t)
-        return 0.0, t.contiguous()
+        return PreparedBudget(0.0, t.contiguous())
     if isinstance(v, bool) or not isinstance(v, Real):
         raise ValueError(f"{name} must be a float or a 1-D tensor of length B={batch}, got {type(v).__name__}")
     v = float(v)
     if not v >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {v}")
-    return v, None
+    return PreparedBudget(v, None)
 
 
 def _check_active(active, x: torch.Tensor):
@@ -191,13 +168,22 @@ def pgd_step_(
     _check_like(grad, x, "grad")
     _check_norm(norm)
     _check_bounds(lower, upper)
-    eps_s, eps_t = _budget(eps, "eps", x, round_down=True)
-    alpha_s, alpha_t = _budget(alpha, "alpha", x, round_down=False)
+    eps_b = prepare_budget(eps, x, name="eps", round_down=True)
+    alpha_b = prepare_budget(alpha, x, name="alpha", round_down=False)
     act = _check_active(active, x)
-    _require_kernels(x.device)
-    torch.ops.drp.pgd_step_(
-        x_adv.detach(), x.detach(), grad.detach(), eps_s, alpha_s, eps_t, alpha_t, act, norm, float(lower), float(upper)
-    )
+    _extension.require(x.device)
+    return pgd_step_prepared_(x_adv, x, grad, eps_b, alpha_b, norm=norm, active=act, lower=float(lower),
+                              upper=float(upper))
+
+
+def pgd_step_prepared_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: PreparedBudget,
+                       alpha: PreparedBudget, *, norm: str, active: Optional[torch.Tensor] = None,
+                       lower: float = 0.0, upper: float = 1.0) -> torch.Tensor:
+    """``pgd_step_`` on budgets from ``prepare_budget`` (and ``active`` a bool tensor on x's device, or
+    None), with no validation of its own and so no host sync: the per-iteration step of the attacks.
+    The op still checks shapes and values in C++ (``TORCH_CHECK``)."""
+    torch.ops.drp.pgd_step_(x_adv.detach(), x.detach(), grad.detach(), eps.scalar, alpha.scalar, eps.per_sample,
+                            alpha.per_sample, active, norm, lower, upper)
     return x_adv
 
 
@@ -223,8 +209,8 @@ def random_init(
     _check_bounds(lower, upper)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    eps_s, eps_t = _budget(eps, "eps", x, round_down=True)
-    _require_kernels(x.device)
+    eps_s, eps_t = prepare_budget(eps, x, name="eps", round_down=True)
+    _extension.require(x.device)
     radius_u = None
     if norm == "linf":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
@@ -235,7 +221,7 @@ def random_init(
 
 
 # ------------------------------------------------------------ fake (meta) kernels
-if _C is not None:
+if _extension.available():
 
     @torch.library.register_fake("drp::pgd_step_")
     def _pgd_step_fake(x_adv, x, grad, eps, alpha, eps_per_sample, alpha_per_sample, active, norm, lower, upper):

@@ -25,13 +25,11 @@ from .._constants import COSINE_EPS, METRIC_ID, METRICS
 from . import _triton_utils as tu
 
 if tu.HAS_TRITON:
-    from . import proto_loss_kernels as K
+    from . import proto_loss_kernels as kernels
 else:  # pragma: no cover - exercised by the no-triton import test in a subprocess
-    K = None
+    kernels = None
 
 __all__ = [
-    "METRICS",
-    "COSINE_EPS",
     "proto_loss_forward",
     "proto_loss_backward",
     "proto_logits_forward",
@@ -83,7 +81,7 @@ def _tile_meta(metric: int, z: torch.Tensor, *, backward: bool = False, dot_prec
     """Fixed tile sizes (ignored when DRP_AUTOTUNE=1).
 
     Every CUDA tile fits a block's shared memory: at most 92 KiB on sm_80 and 104 KiB on sm_90
-    (tests/test_triton_compile.py compiles them for both and checks the limits).
+    (tests/kernels/test_triton_compile.py compiles them for both and checks the limits).
     """
     if tu.autotune_enabled():
         return {}
@@ -127,8 +125,8 @@ def _gather_forward(z, p, y, metric: int):
         return dist, idx
     meta = _gather_meta(z)
     grid = (tu.cdiv(b, meta["BLOCK_B"]),)
-    K._proto_gather_fwd_kernel[grid](z, p, y, dist, idx, b, p.shape[0], d, z.stride(0), z.stride(1),
-                                     p.stride(0), p.stride(1), y.stride(0), COSINE_EPS, METRIC=metric, **meta)
+    kernels._proto_gather_fwd_kernel[grid](z, p, y, dist, idx, b, p.shape[0], d, z.stride(0), z.stride(1),
+                                           p.stride(0), p.stride(1), y.stride(0), COSINE_EPS, METRIC=metric, **meta)
     return dist, idx
 
 
@@ -139,7 +137,7 @@ def _gather_backward(g, z, p, y, idx, metric: int, coef: float, base, grad_p, ou
         return grad_z
     meta = _gather_meta(z)
     grid = (tu.cdiv(b, meta["BLOCK_B"]),)
-    K._proto_gather_bwd_kernel[grid](
+    kernels._proto_gather_bwd_kernel[grid](
         g, z, p, y, idx, base if base is not None else grad_z, grad_z,
         grad_p if grad_p is not None else grad_z, b, p.shape[0], d, z.stride(0), z.stride(1),
         p.stride(0), p.stride(1), y.stride(0), grad_z.stride(0), COSINE_EPS, float(coef),
@@ -165,7 +163,7 @@ def proto_logits_forward(z: torch.Tensor, p: torch.Tensor, metric: str) -> torch
     inv_pn, _ = _inv_norms(p) if m == _COSINE else (out, None)
     meta = _tile_meta(m, z)
     with tu.on_device(z):
-        _tile_kernel(K._proto_logits_fwd_kernel)[_tile_grid(b, c)](
+        _tile_kernel(kernels._proto_logits_fwd_kernel)[_tile_grid(b, c)](
             z, p, inv_zn, inv_pn, out, b, c, d, z.stride(0), z.stride(1), p.stride(0), p.stride(1),
             out.stride(0), METRIC=m, DOT_PREC=_dot_precision(z, p), **meta)
     return out
@@ -189,7 +187,7 @@ def _logits_backward_partials(g, z, p, metric: int, need_grad_p: bool, *, lse=No
         from_ce = lse is not None
         dot_prec = _dot_precision(z, p)
         meta = _tile_meta(metric, z, backward=True, dot_prec=dot_prec)
-        kernel = _tile_kernel(K._proto_logits_bwd_kernel, reset_to_zero=["uz_ptr", "up_ptr", "rz_ptr", "rp_ptr"])
+        kernel = _tile_kernel(kernels._proto_logits_bwd_kernel, reset_to_zero=["uz_ptr", "up_ptr", "rz_ptr", "rp_ptr"])
         kernel[_tile_grid(b, c)](
             g, g.stride(0) if not from_ce else 0, g.stride(1) if not from_ce else 0, z, p,
             inv_zn, inv_pn, lse if from_ce else uz, uz, up, rz, rp, b, c, d,
@@ -242,7 +240,7 @@ def proto_loss_forward(z, p, y, metric: str, ce_weight: float, temperature: floa
         part = torch.empty((split, b), device=z.device, dtype=torch.float32)
         inv_zn = _inv_norms(z)[0] if m == _COSINE else part
         inv_pn = _inv_norms(p)[0] if m == _COSINE else part
-        _tile_kernel(K._proto_lse_fwd_kernel)[lambda mt: (tu.cdiv(b, mt["BLOCK_B"]), split)](
+        _tile_kernel(kernels._proto_lse_fwd_kernel)[lambda mt: (tu.cdiv(b, mt["BLOCK_B"]), split)](
             z, p, inv_zn, inv_pn, part, b, c, z.shape[1], z.stride(0), z.stride(1), p.stride(0), p.stride(1),
             1.0 / temperature, METRIC=m, DOT_PREC=_dot_precision(z, p), **meta)
         lse = torch.logsumexp(part, dim=0) if split > 1 else part[0]

@@ -42,23 +42,15 @@ from __future__ import annotations
 
 import torch
 
-from .._constants import COSINE_EPS, KIND_ID, METRIC_ID, METRICS, REPULSION_KINDS
+from .._constants import COSINE_EPS, DEFAULT_METRIC, KIND_ID, METRIC_ID, METRICS, REPULSION_KINDS
 from . import _triton_utils as tu
 
 if tu.HAS_TRITON:
-    from . import repulsion_kernels as K
+    from . import repulsion_kernels as kernels
 else:  # pragma: no cover - exercised by the no-triton import test in a subprocess
-    K = None
+    kernels = None
 
-__all__ = [
-    "METRICS",
-    "KINDS",
-    "repulsion_forward",
-    "repulsion_backward",
-    "repulsion_energy",
-]
-
-KINDS = REPULSION_KINDS
+__all__ = ["repulsion_forward", "repulsion_backward", "repulsion_energy"]
 
 # (BLOCK_I, BLOCK_J, BLOCK_D, num_warps, num_stages)
 _FWD_DOT_CONFIGS = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
@@ -93,8 +85,8 @@ def _launch(kernel, name: str, configs, key, grid, args, kwargs, *, reset=None):
 def _check_x(x: torch.Tensor, metric: str, kind: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in REPULSION_KINDS:
+        raise ValueError(f"kind must be one of {REPULSION_KINDS}, got {kind!r}")
     if x.dim() != 2:
         raise ValueError(f"X must be 2-D (C, D), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -112,7 +104,7 @@ def repulsion_forward(x: torch.Tensor, *, metric: str, kind: str, temperature: f
     row = torch.empty(C, device=x.device, dtype=torch.float32)
     dot = metric == "cosine"
     with tu.on_device(x):
-        _launch(K._repulsion_fwd_kernel, "fwd_dot" if dot else "fwd_diff",
+        _launch(kernels._repulsion_fwd_kernel, "fwd_dot" if dot else "fwd_diff",
                 _FWD_DOT_CONFIGS if dot else _DIFF_CONFIGS, ["C", "D", "METRIC", "KIND"],
                 lambda meta: (tu.cdiv(C, meta["BLOCK_I"]),),
                 (x, row, C, D, x.stride(0), x.stride(1), float(temperature)),
@@ -139,13 +131,13 @@ def repulsion_backward(grad: torch.Tensor, x: torch.Tensor, row: torch.Tensor, *
         if metric == "cosine":
             gx = torch.empty(C, D, device=x.device, dtype=torch.float32)
             bdo = _block_do(D)
-            _launch(K._repulsion_bwd_dot_kernel, "bwd_dot", _BWD_DOT_CONFIGS, ["C", "D", "KIND"],
+            _launch(kernels._repulsion_bwd_dot_kernel, "bwd_dot", _BWD_DOT_CONFIGS, ["C", "D", "KIND"],
                     lambda meta: (tu.cdiv(C, meta["BLOCK_I"]), tu.cdiv(D, bdo)),
                     (x, scal, gx, C, D, x.stride(0), x.stride(1), gx.stride(0), gx.stride(1), t),
                     dict(KIND=KIND_ID[kind], PRECISION=tu.dot_precision_for(x), BLOCK_DO=bdo))
         else:
             gx = torch.zeros(C, D, device=x.device, dtype=torch.float32)
-            _launch(K._repulsion_bwd_diff_kernel, "bwd_diff", _DIFF_CONFIGS, ["C", "D", "METRIC", "KIND"],
+            _launch(kernels._repulsion_bwd_diff_kernel, "bwd_diff", _DIFF_CONFIGS, ["C", "D", "METRIC", "KIND"],
                     lambda meta: (tu.cdiv(C, meta["BLOCK_I"]),),
                     (x, scal, gx, C, D, x.stride(0), x.stride(1), gx.stride(0), gx.stride(1), t),
                     dict(METRIC=METRIC_ID[metric], KIND=KIND_ID[kind]), reset=["GRAD"])
@@ -199,7 +191,7 @@ _repulsion_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------------- public entry
-def repulsion_energy(P: torch.Tensor, *, metric: str = "cosine", kind: str = "softmin",
+def repulsion_energy(P: torch.Tensor, *, metric: str = DEFAULT_METRIC, kind: str = "softmin",
                      temperature: float = 0.05) -> torch.Tensor:
     """Repulsion energy of the rows of P on the Triton kernels (differentiable w.r.t. P).
 
@@ -208,8 +200,8 @@ def repulsion_energy(P: torch.Tensor, *, metric: str = "cosine", kind: str = "so
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in REPULSION_KINDS:
+        raise ValueError(f"kind must be one of {REPULSION_KINDS}, got {kind!r}")
     if metric == "cosine":
         # unit rows computed in float64 (O(C*D)), then rounded to fp32: the kernel's rows are the
         # correctly rounded unit vectors, and the gradient's projection onto the sphere (autograd

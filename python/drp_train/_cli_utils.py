@@ -1,14 +1,16 @@
 """Helpers shared by the ``drp`` subcommands: the device picker, eps lists (numbers or
-fractions such as ``8/255``), output-path checks, the JSON writer and the error line."""
+fractions such as ``8/255``), output-path checks, the JSON writer, the error line and whether
+stderr is a terminal (progress bars there, plain log lines elsewhere)."""
 import argparse
 import json
 import math
 import os
+import sys
 from fractions import Fraction
 
 import torch
 
-from drp_kernels.io import atomic_write
+from drp_kernels import atomic_write
 
 from .errors import CLIError, ConfigError
 
@@ -22,9 +24,11 @@ __all__ = [
     "pick_device",
     "parse_eps",
     "check_eps_list",
+    "check_at_least",
     "check_output_path",
     "write_json_atomic",
     "atomic_write",
+    "stderr_is_terminal",
 ]
 
 
@@ -86,6 +90,13 @@ def check_eps_list(eps, option="--eps"):
     return out
 
 
+def check_at_least(option, value, low):
+    """Refuse an integer option below ``low`` (None passes: the option was not given)."""
+    if value is not None and value < low:
+        raise cli_error(f"{option} must be >= {low}, got {value}")
+    return value
+
+
 def check_output_path(path, option, *, suffixes=None):
     """Refuse an output file that cannot be written: a folder, a missing or unwritable
     parent, a parent that is a file, or (with ``suffixes``) a wrong file extension."""
@@ -113,3 +124,11 @@ def write_json_atomic(obj, path):
     """Write ``obj`` as indented JSON to ``path`` atomically (see ``drp_kernels.io.atomic_write``)."""
     text = json.dumps(obj, indent=2) + "\n"
     return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal: progress bars there; a log file gets the plain lines alone."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -9,17 +9,19 @@ dicts::
      "model": state_dict of the bare network, "optimizer": ..., "scheduler": ...,
      "scaler": GradScaler state or None, "prototypes": (C, D) tensor or None,
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor] , "python": [...], "numpy": {...}},
-     "metrics": [one dict per completed epoch], "train_time_s": float}
+     "metrics": [one dict per completed epoch], "epoch_sums": [loss * n, correct, n] or None,
+     "train_time_s": float, "versions": {"torch": str, "drp_kernels": str}}
 
-Writes go to a temporary file in the same folder, are fsync'ed and then renamed over
-the target (``os.replace``), so a crash at any moment leaves either the old or the new
-complete file.
+The config is ``run_folder.portable_config``: it leaves ``out`` out.
+
+``training_payload`` builds that dict from a trainer's state. Writes go to a temporary file in
+the same folder, are fsync'ed and then renamed over the target (``drp_kernels.atomic_write``), so
+a crash at any moment leaves either the old or the new complete file.
 """
 import os
 import pickle
 import random
 import re
-import time
 import warnings
 from typing import Optional
 
@@ -28,19 +30,23 @@ import torch
 from torch import nn
 
 import drp_kernels
-from drp_kernels.io import TMP_PREFIX as _TMP_PREFIX, atomic_write as _atomic_write
+from drp_kernels import atomic_write
+from drp_kernels.io import TMP_PREFIX
 
 from .config import TrainConfig
 from .data import DATASET_INFO
 from .errors import CheckpointError, ConfigError
 from .models import build_network
+from .run_folder import CHECKPOINT_NAMES, portable_config
 
 __all__ = [
     "CheckpointError",
     "CHECKPOINT_KIND",
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
+    "training_payload",
     "load_checkpoint",
+    "stored_config",
     "load_classifier",
     "resolve_checkpoint_path",
     "rng_state",
@@ -51,29 +57,13 @@ CHECKPOINT_KIND = "drp_train.checkpoint"
 CHECKPOINT_FORMAT = 1
 
 
-def atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary binary file next to ``path``, fsync it and rename it
-    to ``path`` (``drp_kernels.io.atomic_write``: the file respects the umask)."""
-
-    def hold_then_write(f):
-        write(f)
-        # Test hook (documented in tests/test_resume.py): hold the finished temporary file
-        # before the rename, so a test can SIGKILL the writer inside the write window.
-        hold = os.environ.get("DRP_TRAIN_TEST_SAVE_SLEEP")
-        if hold:
-            f.flush()
-            time.sleep(float(hold))
-
-    _atomic_write(path, hold_then_write)
-
-
 def remove_stale_temporaries(folder: str) -> list:
     """Delete temporary files left by a writer that was killed; return their names."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for name in os.listdir(folder):
-        if name.startswith(_TMP_PREFIX):
+        if name.startswith(TMP_PREFIX):
             try:
                 os.unlink(os.path.join(folder, name))
                 removed.append(name)
@@ -111,11 +101,33 @@ def save_checkpoint(path: str, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(data, f))
 
 
+def training_payload(*, cfg, net, optimizer, scheduler, scaler, prototypes, epoch: int, step: int,
+                     global_step: int, metrics, epoch_sums, train_time_s: float, final: bool) -> dict:
+    """The checkpoint of a trainer's state after ``step`` steps of epoch ``epoch`` (plain data)."""
+    return {
+        "final": final,
+        "config": portable_config(cfg),
+        "epoch": epoch,
+        "step": step,
+        "global_step": global_step,
+        "model": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),  # LambdaLR stores None for its plain-function lambdas
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "prototypes": prototypes.cpu() if prototypes is not None else None,
+        "rng": rng_state(),
+        "metrics": [dict(m) for m in metrics],
+        "epoch_sums": epoch_sums.detach().cpu().tolist() if epoch_sums is not None else None,
+        "train_time_s": float(train_time_s),
+        "versions": {"torch": str(torch.__version__), "drp_kernels": str(drp_kernels.__version__)},
+    }
+
+
 def resolve_checkpoint_path(path: str) -> str:
     """``path`` itself if a file, else ``final.pt`` or ``last.pt`` inside the run folder."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("final.pt", "last.pt"):
+        for name in CHECKPOINT_NAMES:
             p = os.path.join(path, name)
             if os.path.isfile(p):
                 return p
@@ -167,9 +179,19 @@ def load_checkpoint(path: str) -> dict:
     return data
 
 
+def stored_config(data: dict) -> dict:
+    """The config dict of a checkpoint, with what older runs left implicit written out: a
+    ``linf-dist`` net trained before ``width_first`` had its own default has a first layer
+    ``width`` wide."""
+    cfg = dict(data["config"])
+    if cfg.get("model") == "linf-dist" and cfg.get("width_first") is None:
+        cfg["width_first"] = cfg.get("width", TrainConfig.width)
+    return cfg
+
+
 def config_of(data: dict, path: str = "checkpoint") -> TrainConfig:
     try:
-        return TrainConfig.from_dict(data["config"])
+        return TrainConfig.from_dict(stored_config(data))
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} holds an unusable config: {e}") from None
 

@@ -13,11 +13,16 @@ import warnings
 
 from tqdm.auto import tqdm
 
+import drp_kernels
 from drp_kernels.attacks import RobustnessWarning
 
-from ._cli_utils import check_output_path, parse_eps
-from .config import DEFAULT_PROTO_METHOD, METRICS, PROTO_METHODS, TrainConfig
+from ._cli_utils import check_at_least, check_output_path, parse_eps, stderr_is_terminal
+from .checkpoint import load_checkpoint, stored_config
+from .config import (DATASETS, DEFAULT_PROTO_METHOD, HEADS, METHODS, METRICS, MODELS, OPTIMIZERS, PRESETS,
+                     PROTO_METHODS, SCHEDULES, TrainConfig, apply_preset, describe_default as d)
 from .errors import CLIError, DrpTrainError
+from .run_folder import RunFolder
+from .train import train
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -73,8 +78,6 @@ _S = argparse.SUPPRESS
 
 
 def _add_train_parser(sub):
-    from .config import DATASETS, HEADS, METHODS, MODELS, OPTIMIZERS, PRESETS, SCHEDULES, describe_default as d
-
     p = sub.add_parser(
         "train", help="train a model (drp, ce, pgd-at, trades, fast-at, certified)",
         description="Train one model. Writes config.json, metrics.jsonl (one line per epoch), last.pt "
@@ -101,8 +104,9 @@ def _add_train_parser(sub):
     a("--width", type=int, default=_S,
       help=f"linf-dist: neurons per hidden layer, also the prototype dimension (default {d('width')})")
     a("--width-first", type=int, default=_S, metavar="N",
-      help="linf-dist: neurons of the first hidden layer (default: --width); at >= the input size (784 on "
-           "Fashion-MNIST) the identity initialisation reaches the first layer too")
+      help="linf-dist: neurons of the first hidden layer (default: 2 x --width, the best measured; --width "
+           "with --depth 1); at >= the input size (784 on Fashion-MNIST) the identity initialisation reaches "
+           "the first layer too")
     a("--head", choices=HEADS, default=_S,
       help=f"linf-dist: learnable prototypes with per-class offsets, or fixed DRP box prototypes "
            f"(default {d('head')})")
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{prototypes,train,eval,plot,compare}")
     _add_prototypes_parser(sub)
     _add_train_parser(sub)
-    _add_lazy_parser(sub, "eval", "evaluation", "add_eval_arguments", "run_eval",
+    _add_lazy_parser(sub, "eval", "eval_cli", "add_eval_arguments", "run_eval",
                      "evaluate a checkpoint under the attack suite over a list of eps",
                      "Evaluate a checkpoint written by `drp train`: clean accuracy, then robust accuracy under "
                      "the attack suites (--suite, e.g. `paper standard` side by side) at each eps (--norm linf or "
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Started by `torchrun --nproc-per-node N -m drp_train eval ...`, the processes split the "
                      "points and rank 0 writes the same report. With --json, Ctrl-C keeps the partial results "
                      "beside it and --resume continues.")
-    _add_lazy_parser(sub, "plot", "evaluation", "add_plot_arguments", "run_plot",
+    _add_lazy_parser(sub, "plot", "plots", "add_plot_arguments", "run_plot",
                      "plot several `drp eval` reports together",
                      "Draw the accuracy-vs-eps curves of several `drp eval --json` reports in one plot, with "
                      "95%% Wilson intervals; certified accuracy (linf-dist models) is drawn dashed.")
@@ -205,25 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- prototypes
 def _run_prototypes(args) -> int:
-    import drp_kernels
-
-    if args.classes < 2:
-        raise CLIError(f"--classes must be >= 2, got {args.classes}")
-    if args.dim < 1:
-        raise CLIError(f"--dim must be >= 1, got {args.dim}")
+    for option, value, low in (("--classes", args.classes, 2), ("--dim", args.dim, 1), ("--steps", args.steps, 1),
+                               ("--seed", args.seed, 0)):
+        check_at_least(option, value, low)
     if args.metric in ("cosine", "l2") and args.dim == 1 and args.classes > 2:
         raise CLIError(f"--dim 1 with --metric {args.metric}: in one dimension every unit vector is +1 or -1, so "
                        f"{args.classes} classes cannot have distinct prototypes; use --dim >= 2")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    if args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in (".pt", ".npy"):
         raise CLIError(f"--out must end in .pt or .npy, got {args.out!r}")
     check_output_path(args.out, "--out")
     method = args.method if args.method is not None else DEFAULT_PROTO_METHOD[args.metric]
-    kwargs = dict(metric=args.metric, method=method, seed=args.seed, progress=not args.quiet and _on_terminal(),
+    kwargs = dict(metric=args.metric, method=method, seed=args.seed, progress=not args.quiet and stderr_is_terminal(),
                   with_info=True)
     if args.steps is not None:
         kwargs["steps"] = args.steps
@@ -247,10 +244,6 @@ def _run_prototypes(args) -> int:
 
 # ----------------------------------------------------------------------------- train
 def _run_train(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .config import apply_preset
-    from .train import train
-
     explicit = {k: v for k, v in vars(args).items() if k not in ("command", "run", "preset")}
     if explicit.get("amp") == "none":
         explicit["amp"] = None
@@ -258,14 +251,11 @@ def _run_train(args) -> int:
     base = None
     if explicit.get("resume"):
         out = explicit.get("out", TrainConfig.out)
-        for name in ("final.pt", "last.pt"):
-            path = os.path.join(out, name)
-            if os.path.isfile(path):
-                base = dict(load_checkpoint(path)["config"])
-                break
-        else:
+        path = RunFolder(out).checkpoint()
+        if path is None:
             raise CLIError(f"--resume: no run to continue in {out} (no last.pt or final.pt); "
                            "drop --resume to start a new run there")
+        base = stored_config(load_checkpoint(path))
     cfg = apply_preset(preset, explicit, base=base)
     result = train(cfg, progress=not cfg.quiet)
     if result.get("rank", 0) != 0:
@@ -279,13 +269,6 @@ def _run_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-def _on_terminal() -> bool:
-    try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         try:

@@ -6,8 +6,6 @@ metrics.jsonl from `drp_train.train.train`), `accuracy_vs_eps.png`,
 `training_curves.png`, `projection_<method>.png`, `report.md` and `compare.json`.
 """
 import argparse
-import dataclasses
-import json
 import math
 import os
 import platform
@@ -19,17 +17,23 @@ import torch
 
 import drp_kernels
 
-from .config import DEFAULT_BATCH_SIZE, TrainConfig
 from ._cli_utils import (
     atomic_write,
+    check_at_least,
     check_eps_list,
     cli_error as _cli_error,
-    one_line as _one_line,
     parse_eps,
     pick_device,
+    stderr_is_terminal,
     write_json_atomic,
 )
+from .checkpoint import load_classifier
+from .compare_report import fmt_time, format_report, format_table
+from .config import DEFAULT_BATCH_SIZE, TrainConfig
 from .evaluation import SUITES, evaluate_model, load_eval_data
+from .plots import plot_accuracy_vs_eps, plot_projection, plot_training_curves
+from .run_folder import RunFolder, prepare_output_folder, refuse_existing_runs
+from .train import train
 
 __all__ = [
     "add_compare_arguments",
@@ -153,10 +157,8 @@ def resolve_settings(args):
     if len(set(s["methods"])) != len(s["methods"]):
         raise _cli_error(f"--methods: each method at most once, got {' '.join(s['methods'])}")
     s["eps"] = check_eps_list(s["eps"])
-    for key, lo in (("epochs", 1), ("batch_size", 1), ("eval_limit", 1), ("limit_train", 1), ("limit_test", 1),
-                    ("attack_steps", 1), ("eval_batch_size", 1)):
-        if s[key] is not None and s[key] < lo:
-            raise _cli_error(f"--{key.replace('_', '-')}: expected an integer >= {lo}, got {s[key]}")
+    for key in ("epochs", "batch_size", "eval_limit", "limit_train", "limit_test", "attack_steps", "eval_batch_size"):
+        check_at_least("--" + key.replace("_", "-"), s[key], 1)
     if s["lr"] is not None and not (math.isfinite(s["lr"]) and s["lr"] > 0):
         raise _cli_error(f"--lr: expected a positive learning rate, got {s['lr']:g}")
     if s["train_eps"] is not None and not (math.isfinite(s["train_eps"]) and 0 <= s["train_eps"] <= 1):
@@ -164,32 +166,7 @@ def resolve_settings(args):
     return s
 
 
-def _prepare_out(out):
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise _cli_error(f"--out: {out!r} exists and is not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise _cli_error(f"--out: cannot create {out!r}: {_one_line(exc)}") from None
-    if not os.access(out, os.W_OK):
-        raise _cli_error(f"--out: folder {out!r} is not writable")
-
-
-def _check_run_dirs(settings):
-    """Refuse, before any training, run folders that already hold a run (unless --resume)."""
-    if settings["resume"]:
-        return
-    for name in settings["methods"]:
-        run_dir = os.path.join(settings["out"], name)
-        for ckpt in ("final.pt", "last.pt"):
-            if os.path.exists(os.path.join(run_dir, ckpt)):
-                raise _cli_error(f"--out: {run_dir} already holds a run ({ckpt}); pass --resume to reuse or "
-                                 "continue it, or choose another --out")
-
-
 def _train_config(settings, name, device):
-    from .config import TrainConfig
-
     wanted = {
         "dataset": settings["dataset"],
         "data_dir": settings["data_dir"],
@@ -206,32 +183,15 @@ def _train_config(settings, name, device):
         "out": os.path.join(settings["out"], name),
         "quiet": settings["quiet"],
         # --resume continues the runs that exist; the others start
-        "resume": settings["resume"] and any(os.path.isfile(os.path.join(settings["out"], name, ckpt))
-                                             for ckpt in ("final.pt", "last.pt")),
+        "resume": settings["resume"] and RunFolder(os.path.join(settings["out"], name)).checkpoint() is not None,
         "device": None if device is None else str(device),
         **METHODS[name],
     }
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    missing = [k for k in ("dataset", "method", "out") if k not in names]
-    if missing:
-        raise RuntimeError(f"TrainConfig lacks the fields {missing}; drp_train.config and compare are out of step")
     # None means "keep drp train's default" for the options compare does not pin.
-    kwargs = {k: v for k, v in wanted.items() if k in names and (v is not None or k in ("limit_train", "limit_test"))}
+    kwargs = {k: v for k, v in wanted.items() if v is not None or k in ("limit_train", "limit_test")}
     cfg = TrainConfig(**kwargs)
     cfg.validate()  # ConfigError (one line, exit 2) before any training time is spent
     return cfg
-
-
-def _read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    rows.append(json.loads(line))
-    return rows
 
 
 @torch.no_grad()
@@ -257,118 +217,6 @@ def model_outputs(model, x, *, batch_size=512):
     return z, protos, kind
 
 
-def _pct(v):
-    return f"{100 * v:.1f}%"
-
-
-def _fmt_time(s):
-    return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
-
-
-def _table_rows(rows):
-    """(method, attack, eval result, train time) per line: each model under the suite, and DRP
-    models also under the paper's own attack, right below."""
-    out = []
-    for r in rows:
-        out.append((r["name"], f"{r.get('suite', 'standard')} suite", r["eval"], r["train_time_s"]))
-        if r.get("paper_eval") is not None:
-            out.append((r["name"], "paper's attack", r["paper_eval"], r["train_time_s"]))
-    return out
-
-
-def format_table(rows, eps_list, *, markdown=False):
-    """The paper-style table: method, attack, clean, robust at each eps, training and evaluation time."""
-    head = ["method", "attack", "clean"] + [f"eps={e:g}" for e in eps_list] + ["train time", "eval time"]
-    body = []
-    for name, attack, ev, train_time in _table_rows(rows):
-        by_eps = {float(x["eps"]): x["robust_accuracy"] for x in ev["results"]}
-        body.append([name, attack, _pct(ev["clean_accuracy"])]
-                    + [_pct(by_eps[e]) if e in by_eps else "-" for e in eps_list]
-                    + [_fmt_time(train_time), _fmt_time(ev["eval_time_s"])])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
-
-
-def _final_line(final, train_time_s):
-    parts = [f"trained in {_fmt_time(train_time_s)}"]
-    for key, label in (("epoch", "epochs"), ("test_accuracy", "test accuracy"), ("train_accuracy", "train accuracy"),
-                       ("train_loss", "train loss")):
-        v = final.get(key)
-        if v is None:
-            continue
-        parts.append(f"{label} {_pct(v)}" if "accuracy" in key else f"{label} {v:.4g}")
-    return "Training: " + ", ".join(parts) + "."
-
-
-def format_report(*, rows, settings, command, total_time_s, files, environment):
-    """The Markdown report: table, command line, settings, per-attack numbers and flags."""
-    eps_list = settings["eps"]
-    n_eval = rows[0]["eval"]["n"] if rows else 0
-    out = [
-        f"# drp compare: {settings['dataset']}",
-        "",
-        f"Robust accuracy under the **{settings['suite']}** attack suite (L-inf), on the first {n_eval} test "
-        f"points. Every method trains the same `{settings['model']}` network for {settings['epochs']} "
-        f"epoch{'' if settings['epochs'] == 1 else 's'}, batch {settings['batch_size']}, seed {settings['seed']}."
-        + (" DRP models are also evaluated under the paper's own attack (PGD on the distance to the true "
-           "prototype, step eps/4, 20 steps, no random start): the gap between the two lines of a DRP model is "
-           "the robustness that only the weaker attack sees." if any(r.get("paper_eval") for r in rows) else ""),
-        "",
-        format_table(rows, eps_list, markdown=True),
-        "",
-        "## Command",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "## Settings",
-        "",
-    ]
-    for k in sorted(settings):
-        out.append(f"- `{k}`: {settings[k]!r}")
-    out += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in environment.items()]
-    out += [f"- total wall time: {_fmt_time(total_time_s)}", "", "## Per-attack robust accuracy", ""]
-    for r in rows:
-        out.append(f"### {r['name']}")
-        out.append("")
-        out.append(_final_line(r.get("final", {}), r["train_time_s"]))
-        out.append("")
-        for label, ev in (("", r["eval"]), ("paper's attack, ", r.get("paper_eval"))):
-            for res in (ev or {}).get("results", []):
-                per = ", ".join(f"{k} {_pct(v)}" for k, v in res["per_attack"].items()) or "-"
-                out.append(f"- {label}eps {res['eps']:g}: robust {_pct(res['robust_accuracy'])} ({per})")
-        out.append("")
-    out += ["## Flags", ""]
-    any_flag = False
-    for r in rows:
-        for flag in r["eval"].get("flags", []):
-            any_flag = True
-            out.append(f"- {r['name']}: {flag}")
-        for res in r["eval"]["results"]:
-            for flag in res["flags"]:
-                any_flag = True
-                out.append(f"- {r['name']}, eps {res['eps']:g}: {flag}")
-    if not any_flag:
-        out.append("No check of the evaluation raised a flag (model sanity, chance at large eps, accuracy "
-                   "monotone in eps, single-step vs iterative, black-box vs white-box, more iterations).")
-    out += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
-    return "\n".join(out)
-
-
-def _on_terminal() -> bool:
-    try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 def _environment(device):
     env = {
         "python": platform.python_version(),
@@ -389,23 +237,20 @@ def run_compare(args):
     settings["resume"] = bool(getattr(args, "resume", False))
     device = pick_device(args.device)
     out = settings["out"]
-    if settings["seed"] < 0:
-        raise _cli_error(f"--seed: expected an integer >= 0, got {settings['seed']}")
+    check_at_least("--seed", settings["seed"], 0)
     # Every run's options are checked before anything is created or trained.
     configs = {name: _train_config(settings, name, device) for name in settings["methods"]}
     if settings["model"] is None:  # drp train's default for the dataset, the same for every method
         settings["model"] = next(iter(configs.values())).resolved().model
-    _check_run_dirs(settings)
-    _prepare_out(out)
+    if not settings["resume"]:
+        refuse_existing_runs(os.path.join(out, name) for name in settings["methods"])
+    prepare_output_folder(out)
     progress = not args.quiet
-    bars = progress and _on_terminal()  # redirected output gets the plain lines only
+    bars = progress and stderr_is_terminal()  # redirected output gets the plain lines only
     command = command_line(args)
 
     # Load the evaluation points first: a missing dataset fails before any training.
     x, y = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=settings["eval_limit"])
-    from .checkpoint import load_classifier
-    from .plots import plot_accuracy_vs_eps, plot_projection, plot_training_curves
-    from .train import train
 
     t_start = time.perf_counter()
     rows, files = [], []
@@ -443,7 +288,7 @@ def run_compare(args):
             "checkpoint": os.path.relpath(info["checkpoint"], out),
             "train_time_s": float(info["train_time_s"]),
             "final": info.get("final", {}),
-            "metrics": _read_metrics(cfg.out) or [dict(m) for m in info.get("metrics", [])],
+            "metrics": RunFolder(cfg.out).read_metrics() or [dict(m) for m in info.get("metrics", [])],
             "eval": ev,
             "paper_eval": paper_ev,
         })
@@ -477,7 +322,7 @@ def run_compare(args):
     n_flags = sum(len(r["eval"].get("flags", [])) + sum(len(x["flags"]) for x in r["eval"]["results"]) for r in rows)
     if n_flags:
         print(f"{n_flags} evaluation flag(s) raised: see the Flags section of report.md")
-    print(f"total {_fmt_time(total)}; wrote {', '.join(files)} to {out}")
+    print(f"total {fmt_time(total)}; wrote {', '.join(files)} to {out}")
     return 0
 
 

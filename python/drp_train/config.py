@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from drp_kernels.prototypes import METHODS as PROTO_METHODS, METRICS
+from drp_kernels import DEFAULT_METRIC, HEADS, METRICS, PROTOTYPE_METHODS as PROTO_METHODS
 
 from .errors import ConfigError
 
@@ -25,12 +25,12 @@ __all__ = [
     "OPTIMIZERS",
     "PRESETS",
     "apply_preset",
+    "run_label",
 ]
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 METHODS = ("drp", "ce", "pgd-at", "trades", "fast-at", "certified")
 MODELS = ("cnn", "resnet18", "preact-resnet18", "wrn-34-10", "linf-dist")
-HEADS = ("learnable", "drp")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "cyclic", "multistep")
 AMP_MODES = (None, "bf16", "fp16")
@@ -42,7 +42,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: Optional[str] = None
     method: str = "drp"
-    metric: str = "linf"
+    metric: str = DEFAULT_METRIC
     proto_dim: Optional[int] = None        # default: 100, 500 for cifar100; a --prototypes file's own dimension
     prototypes: Optional[str] = None       # a .pt/.npy file from `drp prototypes`
     proto_method: Optional[str] = None     # default: see DEFAULT_PROTO_METHOD
@@ -51,7 +51,7 @@ class TrainConfig:
     depth: int = 5                         # linf-dist: hidden LpDist layers
     width: int = 512                       # linf-dist: neurons per hidden layer (= prototype dimension)
     head: str = "learnable"                # linf-dist: learnable prototypes + offsets, or fixed DRP prototypes
-    width_first: Optional[int] = None      # linf-dist: neurons of the first hidden layer; default: width
+    width_first: Optional[int] = None      # linf-dist: neurons of the first hidden layer; default: 2 x width
     eps_train: Optional[float] = None      # certified: hinge margin radius; default EPS_TRAIN_FACTOR * eps
     cert_ce_weight: float = 0.05           # certified: weight of the cross-entropy term (at the start)
     cert_ce_final: Optional[float] = None  # certified: CE weight at the end of the p schedule; default: constant
@@ -117,6 +117,9 @@ class TrainConfig:
             c.proto_dim = DEFAULT_PROTO_DIM[c.dataset == "cifar100"]
         if c.eps is None:
             c.eps = DEFAULT_EPS[cifar]
+        if c.width_first is None and c.model == "linf-dist":
+            # the measured best: a first layer twice as wide (>= 784 inputs, so identity init reaches it)
+            c.width_first = c.width if c.depth == 1 else 2 * c.width
         if c.eps_train is None:
             c.eps_train = min(1.0, EPS_TRAIN_FACTOR * c.eps)
         if c.attack_alpha is None:
@@ -310,6 +313,12 @@ def apply_preset(name: Optional[str], overrides: dict, *, base: Optional[dict] =
         values["preset"] = name
     values.update(overrides)
     return TrainConfig.from_dict(values)
+
+
+def run_label(method: str, metric=None) -> str:
+    """The name of a run in log lines, tables and plots: its method (ce, pgd-at, ...), or
+    drp-<metric> for DRP (``drp compare`` names its DRP runs the same way)."""
+    return f"drp-{metric}" if method == "drp" and metric else method
 
 
 def _choice(flag, value, allowed):

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import drp_kernels
-from drp_kernels.attacks import eval_mode
-from drp_kernels.attacks._common import margin as logit_margin
+from drp_kernels.attacks import eval_mode, margin as logit_margin
 
 __all__ = ["Method", "make_method", "Certified", "p_schedule", "ce_schedule"]
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import drp_kernels
+
 from .data import DATASET_INFO
 
 __all__ = [
@@ -214,8 +216,6 @@ def build_linf_dist(*, in_shape: Sequence[int], num_classes: int, depth: int, wi
     """A ``drp_kernels.LinfDistNet`` for inputs of ``in_shape`` (C, H, W) in [0, 1], standardised
     per channel inside the model (so its Lipschitz constant is ``1 / min(std)`` at p = inf).
     The prototypes start at zero: the trainer sets them (``repulsive_prototypes``)."""
-    import drp_kernels
-
     c = int(in_shape[0])
     per_channel = int(math.prod(in_shape[1:]))
     mean_t = torch.as_tensor(tuple(mean), dtype=torch.float32).repeat_interleave(per_channel)

@@ -1,10 +1,12 @@
 """Plots for the training layer: accuracy against eps, training curves and a 2-D
-projection of the network outputs with the prototypes marked.
+projection of the network outputs with the prototypes marked; and ``drp plot``, several
+``drp eval`` reports in one figure.
 
 matplotlib runs with the Agg backend (no display is needed). Every figure is written
-atomically (``drp_kernels.io.atomic_write``) in the format its file name's extension
+atomically (``drp_kernels.atomic_write``) in the format its file name's extension
 names: PNG, JPEG, PDF or SVG.
 """
+import json
 import math
 import os
 
@@ -16,9 +18,12 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-from drp_kernels.io import atomic_write  # noqa: E402
+from drp_kernels import atomic_write  # noqa: E402
+from drp_kernels.attacks import NORMS  # noqa: E402
 
-from ._cli_utils import PLOT_SUFFIXES  # noqa: E402
+from ._cli_utils import PLOT_SUFFIXES, check_output_path, cli_error, one_line  # noqa: E402
+from .config import run_label  # noqa: E402
+from .evaluation import NORM_NAMES  # noqa: E402
 
 __all__ = [
     "plot_accuracy_vs_eps",
@@ -28,6 +33,8 @@ __all__ = [
     "save_figure",
     "wilson_interval",
     "PLOT_SUFFIXES",
+    "add_plot_arguments",
+    "run_plot",
 ]
 
 
@@ -273,3 +280,76 @@ def plot_projection(z, y, prototypes, path, title, *, class_names=None, max_poin
     # outside the axes, so it never covers the points
     ax.legend(fontsize=7, markerscale=1.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- drp plot
+def add_plot_arguments(parser):
+    """Add the `drp plot` options to an argparse (sub)parser."""
+    parser.add_argument("reports", nargs="+", metavar="EVAL_JSON[=LABEL]",
+                        help="JSON reports written by `drp eval --json`, each optionally labelled, e.g. "
+                             "results/fashion-mnist/pgd-at/eval.json=PGD-AT; all of one norm")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the plot to write (.png, .jpg, .pdf, .svg)")
+    parser.add_argument("--suite", default=None,
+                        help="the suite to plot: picks it from reports holding several, and single-suite reports "
+                             "must be of it (default: standard from multi-suite reports, single-suite reports "
+                             "as they are)")
+    parser.add_argument("--title", default=None, help="plot title")
+    return parser
+
+
+def _read_report(spec, suite):
+    path, _, label = spec.partition("=")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise cli_error(f"{path}: cannot read the report: {one_line(exc)}") from None
+    except ValueError as exc:
+        raise cli_error(f"{path}: not a JSON report: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise cli_error(f"{path}: not a `drp eval` report")
+    if "suites" in data:
+        suite = suite or "standard"
+        if suite not in data["suites"]:
+            raise cli_error(f"{path}: no suite {suite!r} in the report (it holds {', '.join(data['suites'])}); "
+                             "pick one with --suite")
+        curve = dict(data["suites"][suite])
+        curve["suite"] = suite
+    elif "results" in data:
+        if suite is not None and data.get("suite") not in (None, suite):
+            raise cli_error(f"{path}: the report is of suite {data.get('suite')!r}, not {suite!r}; "
+                             f"pass --suite {data.get('suite')}")
+        curve = {"clean_accuracy": data.get("clean_accuracy"), "results": data["results"],
+                 "suite": data.get("suite") or "standard"}
+    else:
+        raise cli_error(f"{path}: not a `drp eval` report (no results)")
+    curve["n"] = data.get("n")
+    curve["norm"] = data.get("norm", "linf")  # reports before the L2 suite were all L-inf
+    if curve["norm"] not in NORMS:
+        raise cli_error(f"{path}: unknown norm {curve['norm']!r} (expected linf or l2)")
+    if not label:
+        label = run_label(data.get("method") or os.path.basename(os.path.dirname(os.path.abspath(path))),
+                          data.get("metric"))
+    return label, curve
+
+
+def run_plot(args):
+    """`drp plot`: several eval reports in one accuracy-vs-eps plot (certified accuracy dashed)."""
+    check_output_path(args.out, "--out", suffixes=PLOT_SUFFIXES)
+    curves = {}
+    for spec in args.reports:
+        label, curve = _read_report(spec, args.suite)
+        if label in curves:
+            raise cli_error(f"two reports are labelled {label!r}: label them, e.g. FILE.json=NAME")
+        curves[label] = curve
+    norms = sorted({c["norm"] for c in curves.values()})
+    if len(norms) > 1:
+        raise cli_error(f"the reports mix norms ({' and '.join(norms)}): eps of different norms cannot share an "
+                         "axis; plot each norm on its own")
+    ns = {c["n"] for c in curves.values() if c.get("n")}
+    suites = sorted({c["suite"] for c in curves.values()})
+    title = args.title or f"accuracy against {NORM_NAMES[norms[0]]} eps ({' / '.join(suites)} suite" + (
+        f", n={ns.pop()})" if len(ns) == 1 else ")")
+    plot_accuracy_vs_eps(curves, args.out, title=title, norm=norms[0])
+    print(f"wrote {args.out}")
+    return 0

@@ -22,23 +22,13 @@ Exact resume: every random draw of a step (shuffle, augmentation, attack start) 
 from a generator seeded by (seed, epoch, step, rank), checkpoints carry the optimiser,
 scheduler, scaler, RNG states and the running sums of the epoch, so ``resume=True``
 continues from ``last.pt`` to the same final weights as an uninterrupted run (bitwise
-on CPU).
-
-Test hooks (environment variables, used by tests/test_resume.py to make a kill window
-deterministic; they never change results):
-  DRP_TRAIN_TEST_STEP_SLEEP=s   sleep s seconds after every optimiser step
-  DRP_TRAIN_TEST_SAVE_SLEEP=s   hold a finished checkpoint temp file s seconds before the rename
+on CPU). The run folder's files are ``run_folder.RunFolder``'s, the checkpoint's content
+``checkpoint.training_payload``.
 """
 import contextlib
-import json
 import logging
 import math
-import os
 import random
-import shutil
-import signal
-import sys
-import threading
 import time
 
 import numpy as np
@@ -49,14 +39,18 @@ from tqdm.auto import tqdm
 import drp_kernels
 
 from . import ddp
-from ._cli_utils import pick_device
-from .checkpoint import (atomic_write, config_of, load_checkpoint, remove_stale_temporaries, rng_state,
-                         save_checkpoint, set_rng_state)
-from .config import TrainConfig
+from ._cli_utils import pick_device, stderr_is_terminal
+from .checkpoint import (config_of, load_checkpoint, remove_stale_temporaries, save_checkpoint, set_rng_state,
+                         training_payload)
+from .config import TrainConfig, run_label
 from .data import DATASET_INFO, augment_batch, check_available, load_dataset, validation_split
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError, TrainingInterrupted
 from .methods import DRP, make_method
 from .models import build_network
+from .optim import derive_seed, make_optimizer, make_scheduler
+from .run_folder import RunFolder
+from .run_prototypes import drp_prototypes, init_linf_dist_prototypes
+from .signals import StopOnSigint
 
 __all__ = ["train", "make_optimizer", "RESUME_MUTABLE_KEYS"]
 
@@ -65,8 +59,6 @@ log = logging.getLogger("drp_train")
 # Options that may differ between a run and its resumption: they do not change results.
 RESUME_MUTABLE_KEYS = frozenset({"resume", "quiet", "device", "data_dir", "out", "eval_batch_size",
                                  "checkpoint_every", "compile", "preset"})
-
-_PROBE_BYTES = 4 << 20
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
@@ -84,15 +76,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         ddp.cleanup(info)
 
 
-def make_optimizer(cfg, params):
-    """The optimiser of a resolved TrainConfig: SGD with momentum, or Adam with the l-inf-distance
-    nets' settings (beta1 = --momentum, beta2 0.99, eps 1e-10)."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.99), eps=1e-10,
-                                weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def _pick_device(cfg):
     device = pick_device(cfg.device)
     if device.type not in ("cpu", "cuda"):
@@ -102,71 +85,13 @@ def _pick_device(cfg):
     return device
 
 
-def _run_label(cfg) -> str:
-    """The name a run's log lines start with: ce, pgd-at, ..., or drp-<metric>."""
-    return f"drp-{cfg.metric}" if cfg.method == "drp" else cfg.method
-
-
-class _StopOnSigint:
-    """While active (main thread only), the first Ctrl-C only sets ``requested``: the loop
-    saves its state at the next step boundary and stops. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def _derive_seed(*parts) -> int:
-    """A 63-bit seed mixed from integers (splitmix64 steps), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _lr_factor(schedule, total):
-    """Multiplier of the base lr after ``t`` optimiser steps out of ``total``."""
-    total = max(int(total), 1)
-    if schedule == "cosine":
-        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
-    if schedule == "cyclic":
-        # one triangle: 0 -> lr over the first 2/5 of training, back to 0 at the end (Wong et al. 2020)
-        peak = 0.4 * total
-        return lambda t: float(np.interp(t + 1, [0, peak, total], [0.0, 1.0, 0.0]))
-    if schedule == "multistep":
-        return lambda t: 0.1 ** ((t >= 0.5 * total) + (t >= 0.75 * total))
-    raise ConfigError(f"--schedule must be cosine, cyclic or multistep, got {schedule!r}")
-
-
 class _Trainer:
     def __init__(self, cfg, *, device, info, progress):
         self.cfg, self.device, self.info = cfg, device, info
         # bars only on a terminal: redirected logs get the plain per-epoch lines alone
-        self.progress = progress and info.is_main and _is_terminal(sys.stderr)
-        self.out = os.path.abspath(cfg.out)
-        self.last_path = os.path.join(self.out, "last.pt")
-        self.final_path = os.path.join(self.out, "final.pt")
-        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.progress = progress and info.is_main and stderr_is_terminal()
+        self.folder = RunFolder(cfg.out)
+        self.out, self.last_path, self.final_path = self.folder.out, self.folder.last, self.folder.final
 
     # ------------------------------------------------------------------ set-up
     def _prepare_out(self):
@@ -174,7 +99,7 @@ class _Trainer:
         error = None
         if self.info.is_main:
             try:
-                self._probe_out()
+                self.folder.probe(resume=self.cfg.resume)
             except OutputDirError as e:
                 error = e
         if ddp.broadcast_flag(error is not None, self.info, device=self._flag_device()):
@@ -182,83 +107,6 @@ class _Trainer:
 
     def _flag_device(self):
         return self.device if self.info.backend == "nccl" else torch.device("cpu")
-
-    def _probe_out(self):
-        cfg = self.cfg
-        try:
-            os.makedirs(self.out, exist_ok=True)
-        except OSError as e:
-            raise OutputDirError(f"--out {self.out} cannot be created: {e.strerror or e}") from None
-        if not os.path.isdir(self.out):
-            raise OutputDirError(f"--out {self.out} is not a folder")
-        existing = [p for p in (self.final_path, self.last_path) if os.path.exists(p)]
-        if existing and not cfg.resume:
-            raise OutputDirError(f"--out {self.out} already holds a run ({os.path.basename(existing[0])}); "
-                                 "pass --resume to continue it or choose another --out")
-        probe = os.path.join(self.out, f".drp-probe-{os.getpid()}")
-        try:
-            with open(probe, "wb") as f:
-                chunk = b"\0" * (1 << 20)
-                for _ in range(_PROBE_BYTES // len(chunk)):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise OutputDirError(f"--out {self.out} is not writable: {e.strerror or e}") from None
-        finally:
-            try:
-                os.unlink(probe)
-            except OSError:
-                pass
-
-    def _check_space(self, net):
-        if not self.info.is_main:
-            return
-        param_bytes = sum(p.numel() * p.element_size() for p in net.state_dict().values()
-                          if isinstance(p, torch.Tensor))
-        # model + momentum in last.pt and final.pt, plus a temporary file while writing
-        needed = 3 * 2 * param_bytes + (64 << 20)
-        free = shutil.disk_usage(self.out).free
-        if free < needed:
-            raise OutputDirError(f"--out {self.out} has {free / 2**20:.1f} MiB free but the checkpoints need "
-                                 f"about {needed / 2**20:.1f} MiB: free some space or choose another --out")
-
-    def _prototypes(self, num_classes, resume_ckpt):
-        cfg = self.cfg
-        if cfg.method != "drp":
-            return None
-        if resume_ckpt is not None:
-            return resume_ckpt["prototypes"].float()
-        if cfg.prototypes is not None:
-            return self._prototypes_from_file(num_classes)
-        try:
-            p = drp_kernels.repulsive_prototypes(num_classes, cfg.proto_dim, metric=cfg.metric,
-                                                 method=cfg.proto_method, seed=cfg.seed)
-        except ValueError as e:  # e.g. a --proto-method made for another geometry than --metric
-            raise ConfigError(f"--proto-method {cfg.proto_method} with --metric {cfg.metric}, "
-                              f"--proto-dim {cfg.proto_dim}: {e}") from None
-        return torch.as_tensor(p, dtype=torch.float32).cpu()
-
-    def _prototypes_from_file(self, num_classes):
-        cfg = self.cfg
-        try:
-            p, info = drp_kernels.load_prototypes(cfg.prototypes, with_info=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--prototypes {cfg.prototypes} cannot be loaded: {e}") from None
-        made_for = info.get("metric")
-        if made_for is not None and made_for != cfg.metric:
-            raise ConfigError(f"--prototypes {cfg.prototypes} holds {made_for} prototypes but --metric is "
-                              f"{cfg.metric}: pass --metric {made_for}, or prototypes made for {cfg.metric}")
-        p = torch.as_tensor(p, dtype=torch.float32)
-        if p.ndim != 2 or p.shape[0] != num_classes:
-            raise ConfigError(f"--prototypes {cfg.prototypes} holds a tensor of shape {tuple(p.shape)}, "
-                              f"expected ({num_classes}, D) for {cfg.dataset}")
-        if cfg.proto_dim is not None and cfg.proto_dim != p.shape[1]:
-            raise ConfigError(f"--proto-dim {cfg.proto_dim} disagrees with --prototypes {cfg.prototypes}, "
-                              f"whose dimension is {p.shape[1]}; leave --proto-dim out")
-        if not torch.isfinite(p).all():
-            raise ConfigError(f"--prototypes {cfg.prototypes} holds NaN or Inf values")
-        return p.cpu()
 
     def _load_resume(self):
         if not self.cfg.resume:
@@ -269,7 +117,7 @@ class _Trainer:
                 log.info("removed %d unfinished checkpoint file(s) left by an interrupted run", len(stale))
         if self.info.enabled:
             torch.distributed.barrier()
-        path = self.final_path if os.path.isfile(self.final_path) else self.last_path
+        path = self.folder.checkpoint() or self.last_path
         ckpt = load_checkpoint(path)
         saved = config_of(ckpt, path).to_dict()
         now = self.cfg.to_dict()
@@ -285,7 +133,7 @@ class _Trainer:
     def run(self) -> dict:
         """Set up, restore (with ``resume``), train the remaining epochs and save ``final.pt``."""
         check_available(self.cfg.dataset, data_dir=self.cfg.data_dir)
-        if self.cfg.resume and not any(os.path.isfile(p) for p in (self.final_path, self.last_path)):
+        if self.cfg.resume and self.folder.checkpoint() is None:
             raise CheckpointError(f"--resume: no run to continue in {self.out} (no last.pt or final.pt); "
                                   "drop --resume to start a new run there")
         self._prepare_out()
@@ -299,7 +147,7 @@ class _Trainer:
         epochs_bar = tqdm(total=cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
                           disable=not self.progress, dynamic_ncols=True)
         try:
-            with _StopOnSigint() as stop:
+            with StopOnSigint() as stop:
                 self.stop = stop
                 for epoch in range(self.start_epoch, cfg.epochs):
                     sums, epoch_time, samples = self._epoch(epoch)
@@ -320,14 +168,15 @@ class _Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         num_classes = DATASET_INFO[cfg.dataset]["classes"]
-        self.prototypes = self._prototypes(num_classes, ckpt)
+        self.prototypes = drp_prototypes(cfg, num_classes, ckpt)
         if self.prototypes is not None and self.cfg.proto_dim is None:
             # the dimension of a --prototypes file, recorded in config.json and the checkpoints
             self.cfg.proto_dim = int(self.prototypes.shape[1])
         self.method = make_method(cfg, prototypes=self.prototypes)
-        self.label = _run_label(cfg)
+        self.label = run_label(cfg.method, cfg.metric)
         net = build_network(cfg, output_dim=self.method.output_dim(num_classes))
-        self._check_space(net)
+        if info.is_main:
+            self.folder.check_space(net)
 
         x_train, y_train = load_dataset(cfg.dataset, split="train", data_dir=cfg.data_dir, limit=cfg.limit_train)
         x_test, y_test = load_dataset(cfg.dataset, split="test", data_dir=cfg.data_dir, limit=cfg.limit_test)
@@ -348,14 +197,14 @@ class _Trainer:
         if isinstance(self.method, DRP):
             self.method.to(device)
         if cfg.model == "linf-dist" and ckpt is None:
-            self._init_linf_dist_prototypes(num_classes)
+            init_linf_dist_prototypes(self.net, cfg, num_classes)
         self.optimizer = make_optimizer(cfg, self.net.parameters())
         n_train = self.x_train.shape[0]
         steps = math.ceil(n_train / cfg.batch_size)
         if info.enabled and n_train - (steps - 1) * cfg.batch_size < info.world_size:
             steps -= 1  # the last global batch would leave a rank without samples
         self.steps_per_epoch = steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs))
+        self.scheduler = make_scheduler(cfg, self.optimizer, steps * cfg.epochs)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
         model = self.net
@@ -370,13 +219,6 @@ class _Trainer:
         self.classifier = self.method.classifier(self.net)
         self.state = dict(net=self.net, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                           prototypes=self.prototypes)
-
-    def _init_linf_dist_prototypes(self, num_classes):
-        """The head's starting (learnable) or fixed (drp) prototypes: DRP's box prototypes."""
-        cfg = self.cfg
-        p = drp_kernels.repulsive_prototypes(num_classes, cfg.width, metric="linf", method="box", seed=cfg.seed)
-        with torch.no_grad():
-            self.net.prototypes.copy_(torch.as_tensor(p, dtype=torch.float32))
 
     def _restore(self, ckpt):
         """Load the states of ``ckpt`` (or start at zero) and (re)write metrics.jsonl and config.json."""
@@ -400,8 +242,8 @@ class _Trainer:
                          self.start_step)
         self.global_step = self.start_epoch * self.steps_per_epoch + self.start_step
         if self.info.is_main:
-            self._rewrite_metrics(self.metrics)
-            self._write_json_config()
+            self.folder.rewrite_metrics(self.metrics)
+            self.folder.write_config(self.cfg)
 
     def _epoch(self, epoch):
         """Train one epoch (from ``start_step`` when resuming into it); returns (sums, seconds, samples).
@@ -417,8 +259,7 @@ class _Trainer:
             sums = torch.as_tensor(self.start_sums, dtype=torch.float64).to(device)
         samples_before = float(sums[2])
         perm = torch.randperm(self.x_train.shape[0], generator=torch.Generator().manual_seed(
-            _derive_seed(cfg.seed, epoch, 0x5EED))).to(device)
-        step_sleep = float(os.environ.get("DRP_TRAIN_TEST_STEP_SLEEP", "0") or 0)
+            derive_seed(cfg.seed, epoch, 0x5EED))).to(device)
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", leave=False, disable=not self.progress, dynamic_ncols=True)
         epoch_time, t0 = 0.0, time.perf_counter()
@@ -428,8 +269,6 @@ class _Trainer:
             bar.update(1)
             if self.progress and (step % 20 == 0 or step == self.steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            if step_sleep:
-                time.sleep(step_sleep)
             last_step = step + 1 == self.steps_per_epoch
             periodic = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
             stop = not last_step and self._agree_stop()
@@ -454,7 +293,7 @@ class _Trainer:
         """One optimiser step on the step-th batch of ``perm``; adds its loss and accuracy to ``sums``."""
         cfg, device, info = self.cfg, self.device, self.info
         idx = ddp.shard(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], info)
-        gen = torch.Generator(device=device).manual_seed(_derive_seed(cfg.seed, epoch, step, info.rank))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, step, info.rank))
         self.method.before_step(self.net, self.global_step, self.steps_per_epoch * cfg.epochs)
         xb = self.x_train[idx]
         if cfg.augment:
@@ -510,8 +349,7 @@ class _Trainer:
         self.metrics.append(row)
         self._save(self.last_path, epoch=epoch + 1, step=0, sums=None)
         if info.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.folder.append_metrics(row)
             acc = "adv train acc" if self.method.adversarial else "train acc"
             log.info("%s: epoch %d/%d  loss %.4f  %s %.4f  test acc %.4f  %.1fs", self.label, epoch + 1,
                      cfg.epochs, row["train_loss"], acc, row["train_accuracy"], test_acc, epoch_time)
@@ -589,37 +427,14 @@ class _Trainer:
         if not self.info.is_main:
             return
         s = self.state
-        global_step, metrics, train_time = self.global_step, self.metrics, self.train_time
-        payload = {
-            "final": final,
-            "config": self.cfg.to_dict(),
-            "epoch": epoch,
-            "step": step,
-            "global_step": global_step,
-            "model": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                      for k, v in s["net"].state_dict().items()},
-            "optimizer": s["optimizer"].state_dict(),
-            "scheduler": _plain_scheduler_state(s["scheduler"]),
-            "scaler": s["scaler"].state_dict() if s["scaler"] is not None else None,
-            "prototypes": s["prototypes"].cpu() if s["prototypes"] is not None else None,
-            "rng": rng_state(),
-            "metrics": [dict(m) for m in metrics],
-            "epoch_sums": sums.detach().cpu().tolist() if sums is not None else None,
-            "train_time_s": float(train_time),
-            "versions": {"torch": str(torch.__version__), "drp_kernels": str(drp_kernels.__version__)},
-        }
+        payload = training_payload(cfg=self.cfg, net=s["net"], optimizer=s["optimizer"], scheduler=s["scheduler"],
+                                   scaler=s["scaler"], prototypes=s["prototypes"], epoch=epoch, step=step,
+                                   global_step=self.global_step, metrics=self.metrics, epoch_sums=sums,
+                                   train_time_s=self.train_time, final=final)
         try:
             save_checkpoint(path, payload)
         except OSError as e:
             raise OutputDirError(f"writing checkpoint {path} failed: {e.strerror or e}") from None
-
-    def _write_json_config(self):
-        text = json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(os.path.join(self.out, "config.json"), lambda f: f.write(text.encode()))
-
-    def _rewrite_metrics(self, metrics):
-        text = "".join(json.dumps(m) + "\n" for m in metrics)
-        atomic_write(self.metrics_path, lambda f: f.write(text.encode()))
 
     def _result(self, metrics, train_time):
         return {
@@ -632,15 +447,3 @@ class _Trainer:
             "metrics": [dict(m) for m in metrics],
             "config": self.cfg.to_dict(),
         }
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _plain_scheduler_state(scheduler):
-    # LambdaLR stores None in place of its (plain function) lambdas: numbers and lists only
-    return dict(scheduler.state_dict())

@@ -64,7 +64,8 @@ def _assert_same(got, want, **tol):
 def test_one_default_metric_everywhere():
     assert DEFAULT_METRIC == "linf"
     for fn in (drp_kernels.proto_loss, drp_kernels.proto_logits, drp_kernels.paper_logits,
-               drp_kernels.repulsion_energy, drp_kernels.repulsive_prototypes, ProtoLoss.__init__):
+               drp_kernels.repulsion_energy, drp_kernels.repulsive_prototypes, ProtoLoss.__init__,
+               drp_kernels.reference.proto_loss, drp_kernels.reference.repulsion_energy):
         assert inspect.signature(fn).parameters["metric"].default == DEFAULT_METRIC, fn
     net = torch.nn.Identity()
     assert ProtoClassifier(net, torch.randn(3, 4)).metric == DEFAULT_METRIC

@@ -148,7 +148,8 @@ def test_paper_method_records_itself():
 
 def test_generation_runs_single_threaded_and_restores(monkeypatch):
     """CPU generation of small problems sees one thread, and the caller's thread count comes back."""
-    import drp_kernels.prototypes as protos
+    import drp_kernels.prototypes.generation as protos
+    from drp_kernels._contexts import single_thread
 
     seen = []
     real = protos._energy
@@ -165,7 +166,7 @@ def test_generation_runs_single_threaded_and_restores(monkeypatch):
         assert seen == [1, 1, 1]
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError, match="boom"):
-            with protos._single_thread():
+            with single_thread():
                 assert torch.get_num_threads() == 1
                 raise RuntimeError("boom")
         assert torch.get_num_threads() == 2

@@ -1,8 +1,8 @@
 """Cross-check of drp_kernels.attacks against torchattacks' APGD, APGD-T and Square.
 
-Optional: skipped when torchattacks is not installed (it is not a dependency; CI skips
-this file). To run it here without pulling torchvision or a CUDA torch:
-    pip install --no-deps torchattacks==3.5.1
+`make deps` (and so CI) installs torchattacks with `pip install --no-deps torchattacks==3.5.1`:
+its metadata pins torchvision, which it never imports, and --no-deps keeps the installed torch.
+Elsewhere the file is skipped, with the reason.
 
 On a standard CNN and on a DRP model (ProtoClassifier with L-inf prototypes, trained with
 ProtoLoss; its logits are negative distances) both libraries attack the same points with
@@ -22,14 +22,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TA = pytest.importorskip("torchattacks")
+TA = pytest.importorskip("torchattacks", reason="torchattacks is not installed: pip install --no-deps "
+                                                      "torchattacks==3.5.1 (or make deps)")
 
 import drp_kernels  # noqa: E402
 from drp_kernels import attacks as A  # noqa: E402
 
 from _helpers import FMNIST_DIR as FMNIST, load_fmnist as _load, small_cnn as _cnn, train_small as _train  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # trains two small CNNs
 EPS = 0.1
 N_TEST = 100
 P_VALUE = 0.01

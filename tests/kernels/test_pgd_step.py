@@ -1,5 +1,5 @@
-"""Batched PGD step and random start (issue 2) against drp_kernels.reference, plus the
-exactness properties of issue 8 (outputs inside the eps ball and [lower, upper])."""
+"""Batched PGD step and random start against drp_kernels.reference, plus the
+exactness properties (outputs inside the eps ball and [lower, upper])."""
 import math
 
 import pytest
@@ -8,11 +8,11 @@ import torch
 import drp_kernels
 from _helpers import assert_verbose_allclose, optional_hypothesis
 from drp_kernels import reference
-from drp_kernels.ops import pgd_step as pgd_ops
+from drp_kernels.ops import _extension
 
 given, settings, st, HealthCheck = optional_hypothesis()
 
-pytestmark = pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="drp_kernels._C not built")
+pytestmark = pytest.mark.skipif(not _extension.available(), reason="drp_kernels.ops._C not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # l2 results differ from the reference only through the order of the norm sums:
@@ -320,14 +320,14 @@ def test_op_validates_too():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only build")
 def test_cuda_tensors_without_cuda_kernels_say_how_to_rebuild(monkeypatch):
-    monkeypatch.setattr(pgd_ops, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
     with pytest.raises(RuntimeError, match="DRP_FORCE_CUDA=1 pip install --no-build-isolation -e ."):
-        pgd_ops._require_kernels(torch.device("cuda"))
+        _extension.require(torch.device("cuda"))
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(pgd_ops, "_C", None)
-    monkeypatch.setattr(pgd_ops, "_IMPORT_ERROR", ImportError("no _C"))
+    monkeypatch.setattr(_extension, "module", None)
+    monkeypatch.setattr(_extension, "_LOAD_ERROR", ImportError("no _C"))
     x_adv, x, grad = make((2, 3), torch.float32)
     before = x_adv.clone()
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
@@ -377,7 +377,7 @@ def test_compile_fullgraph_pgd_loop():
     assert torch.equal(out, expected)
 
 
-# ------------------------------------------------------------------ properties (issue 8)
+# ------------------------------------------------------------------ properties (exactness)
 @st.composite
 def step_case(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
@@ -397,16 +397,20 @@ def _t(v, dtype=torch.float64):
     return torch.tensor(v, dtype=dtype) if isinstance(v, list) else v
 
 
+def _x_in_box(shape, lower, upper, dtype, gen):
+    """Uniform points of [lower, upper] that lie in the box in their own dtype (the rule's precondition)."""
+    x = (lower + torch.rand(shape, generator=gen, dtype=torch.float64) * (upper - lower)).to(dtype)
+    x = x.clamp(lower, upper) if dtype == torch.float64 else x
+    x = torch.where(x.double() < lower, torch.nextafter(x, torch.full_like(x, math.inf)), x)
+    return torch.where(x.double() > upper, torch.nextafter(x, torch.full_like(x, -math.inf)), x)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=step_case(), norm=st.sampled_from(["linf", "l2"]))
 def test_property_pgd_step_stays_in_ball_and_box(case, norm):
     dtype, shape, lower, upper, seed, eps, alpha, active = case
     gen = torch.Generator().manual_seed(seed)
-    x = (lower + torch.rand(shape, generator=gen, dtype=torch.float64) * (upper - lower)).to(dtype)
-    x = x.clamp(lower, upper) if dtype == torch.float64 else x
-    # x must itself be in [lower, upper] in its dtype (the rule's precondition).
-    x = torch.where(x.double() < lower, torch.nextafter(x, torch.full_like(x, math.inf)), x)
-    x = torch.where(x.double() > upper, torch.nextafter(x, torch.full_like(x, -math.inf)), x)
+    x = _x_in_box(shape, lower, upper, dtype, gen)
     eps, alpha = _t(eps), _t(alpha)
     act = None if active is None else torch.tensor(active)
     x_adv = x.clone()
@@ -426,9 +430,7 @@ def test_property_pgd_step_stays_in_ball_and_box(case, norm):
 def test_property_random_init_stays_in_ball_and_box(case, norm):
     dtype, shape, lower, upper, seed, eps, _, _ = case
     gen = torch.Generator().manual_seed(seed)
-    x = (lower + torch.rand(shape, generator=gen, dtype=torch.float64) * (upper - lower)).to(dtype)
-    x = torch.where(x.double() < lower, torch.nextafter(x, torch.full_like(x, math.inf)), x)
-    x = torch.where(x.double() > upper, torch.nextafter(x, torch.full_like(x, -math.inf)), x)
+    x = _x_in_box(shape, lower, upper, dtype, gen)
     eps = _t(eps)
     out = drp_kernels.random_init(x, eps, norm=norm, lower=lower, upper=upper, generator=gen)
     assert_in_ball(out, x, eps, norm=norm, lower=lower, upper=upper)

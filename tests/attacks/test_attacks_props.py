@@ -10,7 +10,7 @@ from torch import nn
 
 from drp_kernels import attacks as A
 from drp_kernels.attacks.apgd import checkpoints
-from drp_kernels.attacks.square import p_schedule
+from drp_kernels.attacks.square import window_fraction
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -158,10 +158,10 @@ def test_mode_restored_on_exception():
     (lambda m, x, y: A.pgd(m, x, y.float(), eps=0.1, alpha=0.1, steps=1), "y must have dtype torch.int64"),
     (lambda m, x, y: A.pgd(m, x, y[:2], eps=0.1, alpha=0.1, steps=1), r"y must have shape \(4,\)"),
     (lambda m, x, y: A.pgd(m, x, y + 5, eps=0.1, alpha=0.1, steps=1), "y must hold class indices"),
-    (lambda m, x, y: A.pgd(m, x, y, eps=-0.1, alpha=0.1, steps=1), "eps must be finite and >= 0"),
+    (lambda m, x, y: A.pgd(m, x, y, eps=-0.1, alpha=0.1, steps=1), "eps must be a finite number >= 0"),
     (lambda m, x, y: A.pgd(m, x, y, eps=torch.tensor([0.1, -1.0, 0.1, 0.1]), alpha=0.1, steps=1), "eps must be"),
     (lambda m, x, y: A.pgd(m, x, y, eps=torch.ones(3), alpha=0.1, steps=1), "length B=4"),
-    (lambda m, x, y: A.pgd(m, x, y, eps=0.1, alpha=0.1, steps=0), "steps must be an int >= 1"),
+    (lambda m, x, y: A.pgd(m, x, y, eps=0.1, alpha=0.1, steps=0), "steps must be an integer >= 1"),
     (lambda m, x, y: A.pgd(m, x, y, eps=0.1, alpha=0.1, steps=1, restarts=0), "restarts must be"),
     (lambda m, x, y: A.pgd(m, x, y, eps=0.1, alpha=0.1, steps=1, norm="l1"), "norm must be one of"),
     (lambda m, x, y: A.pgd(m, x, y, eps=0.1, alpha=0.1, steps=1, loss="mse"), "loss must be one of"),
@@ -210,10 +210,10 @@ def test_apgd_checkpoints_follow_the_paper():
 
 
 def test_square_schedule():
-    assert p_schedule(0.8, 5, 10000) == 0.8
-    assert p_schedule(0.8, 11, 10000) == 0.4
-    assert p_schedule(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
-    assert p_schedule(0.8, 250, 5000) == 0.8 / 8  # rescaled to 10000: iteration 500
+    assert window_fraction(0.8, 5, 10000) == 0.8
+    assert window_fraction(0.8, 11, 10000) == 0.4
+    assert window_fraction(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
+    assert window_fraction(0.8, 250, 5000) == 0.8 / 8  # rescaled to 10000: iteration 500
 
 
 def test_zero_eps_returns_x_and_empty_batches():

@@ -22,9 +22,8 @@ import torch
 from drp_kernels import attacks as A
 from drp_kernels.attacks import _keys as R
 
-from _helpers import FMNIST_DIR, load_fmnist
+from _helpers import FMNIST_DIR, REPO, load_fmnist
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CE = os.path.join(REPO, "results", "fashion-mnist", "ce", "final.pt")
 CERTIFIED = os.path.join(REPO, "results", "fashion-mnist", "certified", "final.pt")
 TINY = {"ce_steps": 5, "t_steps": 5, "n_targets": 2, "square_queries": 30}
@@ -98,7 +97,7 @@ def test_masks_do_not_depend_on_batch_size_order_shards_or_threads(ce_model, mon
 @pytest.mark.slow
 @pytest.mark.parametrize("name,n,eps", [("ce", 500, [0.02]), ("certified", 200, [0.1])])
 def test_committed_models_bit_identical_masks_at_batch_sizes_50_137_500(name, n, eps, monkeypatch):
-    """The issue's target: the same per-point verdict at batch sizes 50, 137, 500 (the certified
+    """The target: the same per-point verdict at batch sizes 50, 137, 500 (the certified
     network, whose l-inf distances are exact at p = inf, on fewer points: it is slower)."""
     from drp_train.checkpoint import load_classifier
 
@@ -200,7 +199,7 @@ def _eval_args(json_path, *extra):
 
 def test_drp_eval_ctrl_c_then_resume_gives_the_uninterrupted_json(tmp_path, capsys, tiny_suite, cheap_checks,
                                                                   monkeypatch):
-    evaluation = importlib.import_module("drp_train.evaluation")
+    evaluation = importlib.import_module("drp_train.eval_cli")
     ref = tmp_path / "ref.json"
     assert _run(_eval_args(ref), capsys)[0] == 0
     doc = json.loads(ref.read_text())
@@ -211,7 +210,7 @@ def test_drp_eval_ctrl_c_then_resume_gives_the_uninterrupted_json(tmp_path, caps
     assert not evaluation.partial_paths(ref)  # nothing left beside a finished report
 
     js = tmp_path / "eval.json"
-    real, writes = evaluation._write_partial, []
+    real, writes = evaluation.write_partial, []
 
     def interrupt_on_the_fifth(*a, **kw):
         real(*a, **kw)
@@ -219,12 +218,12 @@ def test_drp_eval_ctrl_c_then_resume_gives_the_uninterrupted_json(tmp_path, caps
         if len(writes) == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation, "_write_partial", interrupt_on_the_fifth)
+    monkeypatch.setattr(evaluation, "write_partial", interrupt_on_the_fifth)
     code, out, err = _run(_eval_args(js), capsys)
     assert code == 130 and not js.exists()
     assert len(err.strip().splitlines()) == 1 and "--resume" in err and "eval.json.partial" in err, err
     assert evaluation.partial_paths(js) == [str(js) + ".partial"]
-    monkeypatch.setattr(evaluation, "_write_partial", real)
+    monkeypatch.setattr(evaluation, "write_partial", real)
     code, out, err = _run(_eval_args(js, "--resume"), capsys)
     assert code == 0, err
     assert _same_report(js, ref)
@@ -233,13 +232,13 @@ def test_drp_eval_ctrl_c_then_resume_gives_the_uninterrupted_json(tmp_path, caps
 
 def test_drp_eval_resume_refuses_a_partial_file_of_another_run(tmp_path, capsys, tiny_suite, cheap_checks,
                                                                monkeypatch):
-    evaluation = importlib.import_module("drp_train.evaluation")
+    evaluation = importlib.import_module("drp_train.eval_cli")
     js = tmp_path / "eval.json"
     code, _, err = _run(_eval_args(js, "--resume"), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no partial file" in err, err
     # make a partial file: interrupt at the first write
-    monkeypatch.setattr(evaluation, "_write_partial",
-                        lambda *a, _real=evaluation._write_partial, **kw: (_real(*a, **kw), _raise()))
+    monkeypatch.setattr(evaluation, "write_partial",
+                        lambda *a, _real=evaluation.write_partial, **kw: (_real(*a, **kw), _raise()))
     assert _run(_eval_args(js), capsys)[0] == 130
     monkeypatch.undo()
     monkeypatch.setitem(ev.SUITES, "standard", dict(TINY))
@@ -513,7 +512,7 @@ def test_ranks_that_disagree_on_the_arguments_stop_with_one_message(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_in_apgd_t_then_resume_gives_the_same_json(tmp_path, capsys, launcher):
-    evaluation = importlib.import_module("drp_train.evaluation")
+    evaluation = importlib.import_module("drp_train.eval_cli")
     args = ["eval", "--checkpoint", CE, "--eps", "0.005", "--suite", "quick", "--limit", "40", "--batch-size", "2"]
     ref = tmp_path / "ref.json"
     assert _run([*args, "--json", str(ref), "--quiet"], capsys)[0] == 0

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 import drp_kernels
 import drp_train
 from drp_train import checkpoint as ckpt_mod
+from drp_train import run_folder
 from drp_train import train as train_mod
+from drp_train.optim import lr_factor
 from drp_train.train import train as run_train
 from drp_train.config import TrainConfig, apply_preset
 from drp_train.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
@@ -74,11 +77,11 @@ def test_config_rejects_impossible_values(field, value, match):
 
 
 def test_lr_schedules():
-    cos = train_mod._lr_factor("cosine", 100)
+    cos = lr_factor("cosine", 100)
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    cyc = train_mod._lr_factor("cyclic", 100)
+    cyc = lr_factor("cyclic", 100)
     assert cyc(39) == pytest.approx(1.0) and cyc(19) == pytest.approx(0.5) and cyc(99) == pytest.approx(0.0)
-    ms = train_mod._lr_factor("multistep", 100)
+    ms = lr_factor("multistep", 100)
     assert (ms(49), ms(50), ms(74), ms(75)) == (1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01))
 
 
@@ -189,7 +192,7 @@ def test_unwritable_out_fails_before_training(tiny_dir, tmp_path, monkeypatch):
 
     class Usage:
         free = 1 << 20
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda path: Usage())
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: Usage())
     with pytest.raises(OutputDirError, match="MiB free but the checkpoints need"):
         run_train(tiny_cfg(tiny_dir, tmp_path / "full"), progress=False)
     assert not calls, "the dataset was loaded although --out was unusable"
@@ -282,7 +285,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_epoch_timing_counts_the_whole_epoch_with_periodic_checkpoints(tiny_dir, tmp_path, monkeypatch):
     # 6 steps of 32, each followed by a 0.1 s sleep: each epoch lasts at least 0.6 s, however
     # often a mid-epoch checkpoint restarts a timer.
-    monkeypatch.setenv("DRP_TRAIN_TEST_STEP_SLEEP", "0.1")
+    real_step = train_mod._Trainer._step
+
+    def slow_step(self, *args, **kwargs):
+        loss = real_step(self, *args, **kwargs)
+        time.sleep(0.1)
+        return loss
+    monkeypatch.setattr(train_mod._Trainer, "_step", slow_step)
     cfg = tiny_cfg(tiny_dir, tmp_path / "t", method="ce", epochs=2, batch_size=32, checkpoint_every=2)
     result = run_train(cfg, progress=False)
     for row in result["metrics"]:

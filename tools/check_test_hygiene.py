@@ -1,4 +1,5 @@
-"""Guards on the test suite itself.
+"""Guards on the test suite itself, a lint step (``make lint``): ``python tools/check_test_hygiene.py``
+prints every problem and exits 1 if there is one.
 
 * Tests that force the Triton backend build their inputs on ``_helpers.DEVICE`` (CUDA when a GPU is
   present). On a GPU machine TRITON_INTERPRET is not set, so a CPU tensor reaching a forced Triton
@@ -10,17 +11,17 @@
 * Test files never import each other or conftest: shared helpers live in ``tests/_helpers.py``.
 """
 import ast
+import sys
 from pathlib import Path
 
-import pytest
-
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "full", "tensor", "randint", "arange", "linspace",
              "eye", "randperm", "normal"}
 
 
-def _test_files():
-    return sorted(p for p in TESTS.glob("test_*.py") if p.name != Path(__file__).name)
+def test_files():
+    """Every test file below tests/."""
+    return sorted(TESTS.rglob("test_*.py"))
 
 
 def _is_cpu(node) -> bool:
@@ -30,7 +31,7 @@ def _is_cpu(node) -> bool:
             and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "cpu")
 
 
-def _forces_triton(fn: ast.FunctionDef) -> bool:
+def forces_triton(fn: ast.FunctionDef) -> bool:
     if any(a.arg == "triton_backend" for a in fn.args.args):
         return True
     for node in ast.walk(fn):
@@ -46,7 +47,7 @@ def _forces_triton(fn: ast.FunctionDef) -> bool:
     return False
 
 
-def _device_problems(fn: ast.FunctionDef):
+def device_problems(fn: ast.FunctionDef):
     moved = set()
     for node in ast.walk(fn):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "to":
@@ -77,47 +78,38 @@ def _cpu_default_helpers(tree):
                     yield fn.lineno, f"{fn.name}(device='cpu') default"
 
 
-@pytest.mark.parametrize("path", _test_files(), ids=lambda p: p.name)
-def test_forced_triton_tests_use_the_kernel_device(path):
+def problems_in(path: Path) -> list:
+    """The hygiene problems of one test file, one line each."""
+    name = path.relative_to(TESTS.parent).as_posix()
     tree = ast.parse(path.read_text(), filename=str(path))
     problems = []
     forcing = [fn for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")
-               and _forces_triton(fn)]
+               and forces_triton(fn)]
     for fn in forcing:
-        problems += [f"{path.name}:{line} in {fn.name}: {what}" for line, what in _device_problems(fn)]
+        problems += [f"{name}:{line} in {fn.name}: {what} (tests that force DRP_BACKEND=triton put their "
+                     "tensors on _helpers.DEVICE)" for line, what in device_problems(fn)]
     if forcing:
-        problems += [f"{path.name}:{line}: {what}" for line, what in _cpu_default_helpers(tree)]
-    assert not problems, "tests that force DRP_BACKEND=triton must put their tensors on _helpers.DEVICE:\n" + \
-        "\n".join(problems)
-
-
-@pytest.mark.parametrize("path", _test_files(), ids=lambda p: p.name)
-def test_test_files_do_not_import_each_other(path):
-    tree = ast.parse(path.read_text(), filename=str(path))
-    bad = []
+        problems += [f"{name}:{line}: {what} (tests that force DRP_BACKEND=triton put their tensors on "
+                     "_helpers.DEVICE)" for line, what in _cpu_default_helpers(tree)]
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        bad += [f"{path.name}:{node.lineno}: {n}" for n in names if n.startswith("test_") or n == "conftest"]
-    assert not bad, "import shared helpers from tests/_helpers.py instead:\n" + "\n".join(bad)
+        problems += [f"{name}:{node.lineno}: imports {n} (import shared helpers from tests/_helpers.py)"
+                     for n in names if n.startswith("test_") or n == "conftest"]
+    return problems
 
 
-def test_the_device_check_catches_a_cpu_tensor():
-    """The checker itself: a forced-triton test with a CPU tensor is reported, a DEVICE one is not."""
-    src = '''
-def test_bad(triton_backend):
-    x = torch.randn(3, 4)
-    y = torch.zeros(2, device="cpu")
-    z = torch.randn(3).cpu()
+def main() -> int:
+    files = test_files()
+    problems = [p for path in files for p in problems_in(path)]
+    for line in problems:
+        print(line)
+    print(f"test hygiene: {len(files)} test files, {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
 
-def test_good(triton_backend):
-    x = torch.randn(3, 4, device=DEVICE)
-    y = torch.randn(3, generator=g).to(DEVICE)
-'''
-    fns = {fn.name: fn for fn in ast.walk(ast.parse(src)) if isinstance(fn, ast.FunctionDef)}
-    assert all(_forces_triton(fn) for fn in fns.values())
-    assert len(list(_device_problems(fns["test_bad"]))) == 4
-    assert not list(_device_problems(fns["test_good"]))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,9 @@
 (bitwise on CPU) as an uninterrupted one, including after a real SIGKILL in the middle of
 an epoch and in the middle of a checkpoint write.
 
-Test hooks of drp_train.train (environment variables; they only add sleeps):
-  DRP_TRAIN_TEST_STEP_SLEEP=s  sleep after each optimiser step (widens the mid-epoch window)
-  DRP_TRAIN_TEST_SAVE_SLEEP=s  hold the finished temporary checkpoint before its rename
+The killed runs are ``drp train`` in a subprocess with two sleeps patched in (``_SLOW_DRP``),
+which widen the kill windows and change no result: after every optimiser step, and before a
+finished checkpoint file is renamed into place.
 """
 import json
 import os
@@ -87,23 +87,34 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["drp", "pgd-at", "certified"])
-def test_resume_after_an_exception_mid_epoch_is_exact(data_dir, tmp_path, monkeypatch, reference, method):
+def _hook_loss(monkeypatch, at_call, action):
+    """Make the training method's loss run ``action()`` at its ``at_call``-th call (1-based); returns the
+    real ``make_method``, to put back."""
     real = train_mod.make_method
     calls = {"n": 0}
 
-    def crashing(cfg, **kw):
+    def hooked(cfg, **kw):
         m = real(cfg, **kw)
         loss = m.loss
 
         def wrapped(*a, **k):
             calls["n"] += 1
-            if calls["n"] == 13:  # epoch 2, step 5: after the step-12 checkpoint
-                raise _Crash()
+            if calls["n"] == at_call:
+                action()
             return loss(*a, **k)
         m.loss = wrapped
         return m
-    monkeypatch.setattr(train_mod, "make_method", crashing)
+    monkeypatch.setattr(train_mod, "make_method", hooked)
+    return real
+
+
+def _crash():
+    raise _Crash()
+
+
+@pytest.mark.parametrize("method", ["drp", "pgd-at", "certified"])
+def test_resume_after_an_exception_mid_epoch_is_exact(data_dir, tmp_path, monkeypatch, reference, method):
+    real = _hook_loss(monkeypatch, 13, _crash)  # epoch 2, step 5: after the step-12 checkpoint
     cfg = TrainConfig(**options(data_dir, method), out=str(tmp_path), quiet=True)
     with pytest.raises(_Crash):
         train(cfg, progress=False)
@@ -118,9 +129,35 @@ def test_resume_after_an_exception_mid_epoch_is_exact(data_dir, tmp_path, monkey
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
-def _start(opts, out, env):
-    return subprocess.Popen([sys.executable, "-m", "drp_train", *cli_args(opts, out)],
-                            env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+_SLOW_DRP = """
+import sys, time
+from drp_train import checkpoint, cli, train
+step_sleep, save_sleep = float(sys.argv[1]), float(sys.argv[2])
+real_step, real_write = train._Trainer._step, checkpoint.atomic_write
+
+def step(self, *args, **kwargs):
+    loss = real_step(self, *args, **kwargs)
+    time.sleep(step_sleep)
+    return loss
+
+def write(path, writer, **kwargs):
+    def hold(f):
+        writer(f)
+        f.flush()
+        time.sleep(save_sleep)
+    return real_write(path, hold, **kwargs)
+
+train._Trainer._step = step
+checkpoint.atomic_write = write
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def _start(opts, out, *, step_sleep=0.0, save_sleep=0.0):
+    """``drp train`` in a subprocess, sleeping ``step_sleep`` s after every optimiser step and holding
+    every finished checkpoint file ``save_sleep`` s before its rename."""
+    return subprocess.Popen([sys.executable, "-c", _SLOW_DRP, str(step_sleep), str(save_sleep),
+                             *cli_args(opts, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _wait_for(cond, proc, timeout=180.0):
@@ -146,7 +183,7 @@ def _kill(proc):
 def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path, reference):
     opts = options(data_dir, "drp")
     out = tmp_path / "run"
-    proc = _start(opts, out, {"DRP_TRAIN_TEST_STEP_SLEEP": "0.2"})
+    proc = _start(opts, out, step_sleep=0.2)
     metrics = out / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
     time.sleep(0.5)  # a couple of steps into epoch 2
@@ -161,7 +198,7 @@ def test_sigkill_mid_epoch_then_resume(data_dir, tmp_path, reference):
 def test_sigkill_during_a_checkpoint_write_then_resume(data_dir, tmp_path, reference):
     opts = options(data_dir, "drp")
     out = tmp_path / "run"
-    proc = _start(opts, out, {"DRP_TRAIN_TEST_SAVE_SLEEP": "1.0"})
+    proc = _start(opts, out, save_sleep=1.0)
 
     def writing_second_checkpoint():
         if not (out / "last.pt").exists():
@@ -181,21 +218,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume(data_dir, tmp_path, refer
 def test_ctrl_c_saves_the_step_and_resume_is_exact(data_dir, tmp_path, monkeypatch, reference):
     from drp_train.errors import TrainingInterrupted
 
-    real = train_mod.make_method
-    calls = {"n": 0}
-
-    def interrupting(cfg, **kw):
-        m = real(cfg, **kw)
-        loss = m.loss
-
-        def wrapped(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 11:  # epoch 2, step 3 (8 steps per epoch): Ctrl-C arrives during the step
-                signal.raise_signal(signal.SIGINT)
-            return loss(*a, **k)
-        m.loss = wrapped
-        return m
-    monkeypatch.setattr(train_mod, "make_method", interrupting)
+    # epoch 2, step 3 (8 steps per epoch): Ctrl-C arrives during the step
+    real = _hook_loss(monkeypatch, 11, lambda: signal.raise_signal(signal.SIGINT))
     opts = dict(options(data_dir, "drp"), checkpoint_every=0)
     cfg = TrainConfig(**opts, out=str(tmp_path), quiet=True)
     with pytest.raises(TrainingInterrupted, match=r"epoch 2 step 3.*--resume --out") as info:
@@ -217,7 +241,7 @@ def test_ctrl_c_saves_the_step_and_resume_is_exact(data_dir, tmp_path, monkeypat
 def test_ctrl_c_in_a_real_process_names_resume(data_dir, tmp_path):
     opts = dict(options(data_dir, "ce"), checkpoint_every=0)
     out = tmp_path / "run"
-    proc = _start(opts, out, {"DRP_TRAIN_TEST_STEP_SLEEP": "0.2"})
+    proc = _start(opts, out, step_sleep=0.2)
     metrics = out / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
     time.sleep(0.5)  # a couple of steps into epoch 2

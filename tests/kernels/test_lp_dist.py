@@ -6,13 +6,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import drp_kernels
-from _helpers import assert_verbose_allclose
+from _helpers import REPO, assert_verbose_allclose
 from drp_kernels import LpDist, lp_dist, reference
 
 INF = math.inf
@@ -129,12 +128,14 @@ def test_every_simd_copy(isa, p, dtype, backend, monkeypatch):
     _check_rule(("out", "grad_x", "grad_w"), ker, ref, truth, 1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def test_bad_isa_is_a_value_error(backend, monkeypatch):
+@pytest.mark.parametrize("var,value,p", [("DRP_CPU_ISA", "sse9", 2.0), ("DRP_LP_DIST_SKIP_BITS", "many", 100.0)])
+def test_bad_cpu_settings_are_value_errors(backend, monkeypatch, var, value, p):
+    """An unknown SIMD copy (DRP_CPU_ISA) or a skip threshold that is no number: ValueError naming it."""
     backend("cpp")
-    monkeypatch.setenv("DRP_CPU_ISA", "sse9")
+    monkeypatch.setenv(var, value)
     x, w = _inputs(3, 4, 5)
-    with pytest.raises(ValueError, match="DRP_CPU_ISA"):
-        lp_dist(x, w, p=2.0)
+    with pytest.raises(ValueError, match=var):
+        lp_dist(x, w, p=p)
 
 
 def test_cpu_strided_and_mixed_dtypes(backend):
@@ -465,7 +466,7 @@ def test_proto_logits_routes_through_lp_dist(metric, p, backend):
 
 
 # ------------------------------------------------------------ AOT compile for sm_90
-AOT_HELPER = Path(__file__).with_name("_triton_aot.py")
+AOT_HELPER = REPO / "tools" / "triton_aot.py"
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
@@ -475,7 +476,7 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, str(AOT_HELPER), "--quick", "--op", "lp_dist", "--arch", "90"],
                           env=env, capture_output=True, text=True, timeout=1800,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=REPO)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines and "capture_error" not in lines[0], proc.stderr[-3000:]
     results = [r for r in lines if "ok" in r]
@@ -540,14 +541,6 @@ def test_sparse_scheme_agrees_with_every_term(p, backend, monkeypatch):
         monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "1")
         coarse = _run(_api, x, w, p)
         assert not torch.allclose(coarse[1], every[1], rtol=1e-3, atol=0), "the skip threshold has no effect"
-
-
-def test_skip_bits_is_validated(backend, monkeypatch):
-    backend("cpp")
-    monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "many")
-    x, w = _inputs(3, 4, 5)
-    with pytest.raises(ValueError, match="DRP_LP_DIST_SKIP_BITS"):
-        lp_dist(x, w, p=100.0)
 
 
 @pytest.mark.parametrize("p", [3.0, 8.0, 16.0])

@@ -23,7 +23,7 @@ from drp_train.errors import ConfigError
 from drp_train.data import validation_split
 from drp_train.methods import Certified, ce_schedule, p_schedule
 
-from _helpers import FMNIST_DIR, assert_png, load_fmnist
+from _helpers import FMNIST_DIR, REPO, assert_png, load_fmnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,9 +211,9 @@ def test_certify_rejects_bad_inputs():
     proto = drp_kernels.ProtoClassifier(torch.nn.Linear(12, 4), torch.eye(4), metric="linf")
     with pytest.raises(TypeError, match="ProtoClassifier has no certificate"):
         certify(proto, x, y, 0.1)
-    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         certify(net, x, y, -0.1)
-    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         certify(net, x, y, float("nan"))
     with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 4\)"):
         certify(net, x, torch.tensor([0, 1, 4]), 0.1)
@@ -317,6 +317,24 @@ def test_certified_config_defaults_and_checks():
         TrainConfig(method="certified", eps_train=-0.1).resolved()
 
 
+def test_first_layer_default_and_older_checkpoints():
+    from drp_train.checkpoint import config_of, stored_config
+    r = TrainConfig(method="certified").resolved()
+    assert (r.width, r.width_first) == (512, 1024)  # the measured best recipe
+    assert TrainConfig(method="certified", width=64, depth=3).resolved().width_first == 128
+    assert TrainConfig(method="certified", width=64, depth=1).resolved().width_first == 64
+    assert TrainConfig(method="certified", width_first=700).resolved().width_first == 700
+    # a run from before the default (no key, or None stored) keeps its first layer `width` wide
+    old = {k: v for k, v in vars(TrainConfig(method="certified", width=96).resolved()).items() if k != "width_first"}
+    assert config_of({"config": old}).width_first == 96
+    assert stored_config({"config": dict(old, width_first=None)})["width_first"] == 96
+    assert stored_config({"config": dict(old, width_first=200)})["width_first"] == 200
+    with open(os.path.join(REPO, "results", "fashion-mnist", "certified", "config.json")) as f:
+        committed = json.load(f)
+    expected = committed.get("width_first") or committed["width"]
+    assert config_of({"config": committed}).resolved().width_first == expected
+
+
 def test_cli_refuses_certified_with_another_model(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "drp_train", "train", "--method", "certified", "--model", "cnn",
@@ -412,7 +430,7 @@ def test_drp_eval_reports_certified_accuracy(tiny_run, tmp_path):
     assert_png(str(png))
     # drp plot: this report beside a committed one, the certified line dashed
     both = tmp_path / "both.png"
-    committed = os.path.join(os.path.dirname(__file__), "..", "results", "fashion-mnist", "drp-linf", "eval.json")
+    committed = os.path.join(REPO, "results", "fashion-mnist", "drp-linf", "eval.json")
     res = _drp("plot", f"{js}=certified", f"{committed}=DRP", "--out", str(both))
     assert res.returncode == 0, res.stderr
     assert_png(str(both))
@@ -423,7 +441,7 @@ def _drp(*args):
 
 
 def test_drp_plot_rejects_bad_reports(tmp_path):
-    committed = os.path.join(os.path.dirname(__file__), "..", "results", "fashion-mnist", "drp-linf", "eval.json")
+    committed = os.path.join(REPO, "results", "fashion-mnist", "drp-linf", "eval.json")
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     cases = [

@@ -9,15 +9,13 @@ from torch import nn
 
 from drp_kernels import attacks as A
 from drp_kernels.attacks import _keys as R
-from drp_kernels.ops import pgd_step as pgd_ops
+from drp_kernels.ops.square import fused_ops
 
-pytestmark = [pytest.mark.skipif(pgd_ops.extension_error() is not None, reason="drp_kernels._C not built"),
+pytestmark = [pytest.mark.skipif(fused_ops() is None, reason="drp_kernels.ops._C not built"),
               pytest.mark.usefixtures("one_thread")]
 
 sq = importlib.import_module("drp_kernels.attacks.square")
-propose = torch.ops.drp.square_propose_cpu if pgd_ops.extension_error() is None else None
-accept = torch.ops.drp.square_accept_cpu_ if pgd_ops.extension_error() is None else None
-draws = torch.ops.drp.square_draws_cpu if pgd_ops.extension_error() is None else None
+propose, accept, draws = fused_ops() or (None, None, None)
 
 
 def _keys(n, seed=3):
@@ -95,7 +93,7 @@ def test_square_uses_the_fused_ops_on_cpu(monkeypatch):
 
 
 def test_fused_true_without_the_ops_is_an_error(monkeypatch):
-    monkeypatch.setattr(sq, "_fused_ops", lambda: None)
+    monkeypatch.setattr(sq, "fused_ops", lambda: None)
     model = _model(1, 8, torch.float32)
     x, y = _data(6, 1, 8, torch.float32, model)
     with pytest.raises(RuntimeError, match="fused=True needs"):
@@ -233,3 +231,44 @@ def test_l2_fused_draws_match_pytorch_bit_for_bit(dtype):
     assert 0 < int(outs[0][1].sum()) < 40
     delta = (outs[0][0] - x).flatten(1).double().norm(dim=1)
     assert bool((delta <= 0.9 * (1 + 1e-5)).all())
+
+
+# ------------------------------------------------------------ torch.library: fakes, opcheck, compile
+def _one_query(k=3, c=2, side=5):
+    gen = torch.Generator().manual_seed(5)
+    x, xb = torch.rand(k, c, side, side, generator=gen), torch.rand(k, c, side, side, generator=gen)
+    corner = torch.tensor([0, 1, 2][:k])
+    signs = torch.where(torch.rand(k, c, generator=gen) < 0.5, -1.0, 1.0)
+    return x, xb, torch.full((k,), 0.1), corner, corner.flip(0), signs
+
+
+@pytest.mark.parametrize("op", ["propose", "accept", "draws"])
+def test_opcheck_square_ops(op):
+    x, xb, eps, vh, vw, signs = _one_query()
+    if op == "propose":
+        torch.library.opcheck(torch.ops.drp.square_propose_cpu.default, (x, xb, eps, vh, vw, 3, signs))
+    elif op == "accept":
+        logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+        torch.library.opcheck(torch.ops.drp.square_accept_cpu_.default,
+                              (xb.clone(), torch.ones(3), x, logits, torch.tensor([0, 1, 2])))
+    else:
+        torch.library.opcheck(torch.ops.drp.square_draws_cpu.default, (_keys(3), 4, [3, 5], 2, torch.float32))
+
+
+def test_square_query_compiles_fullgraph():
+    """One query (draws, proposal, acceptance) traces through the fakes without a graph break."""
+    x, xb, eps, _, _, _ = _one_query()
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+
+    def query(keys, x, xb, m):
+        ints, signs = draws(keys, 7, [3, 3], 2, torch.float32)
+        x_new = propose(x, xb, eps, ints[0], ints[1], 3, signs)
+        broken = accept(xb, m, x_new, logits, y)
+        return x_new, broken
+
+    want_xb, got_xb, want_m, got_m = xb.clone(), xb.clone(), torch.ones(3), torch.ones(3)
+    want = query(_keys(3), x, want_xb, want_m)
+    got = torch.compile(query, fullgraph=True, backend="aot_eager")(_keys(3), x, got_xb, got_m)
+    assert torch.equal(want[0], got[0]) and int(want[1]) == int(got[1])
+    assert torch.equal(want_xb, got_xb) and torch.equal(want_m, got_m)

@@ -295,3 +295,12 @@ def test_attacks_on_cuda_match_the_cpu_bounds(data):
         assert r["robust_accuracy"] < 0.5 * r["clean_accuracy"]
     finally:
         net.cpu()
+
+
+def test_square_p_schedule_is_a_deprecated_name_of_window_fraction():
+    import importlib
+    sq = importlib.import_module("drp_kernels.attacks.square")
+    with pytest.warns(DeprecationWarning, match="window_fraction"):
+        got = [sq.p_schedule(0.8, it, 5000) for it in (0, 10, 600, 4999)]
+    assert got == [sq.window_fraction(0.8, it, 5000) for it in (0, 10, 600, 4999)]
+    assert got[0] == 0.8 and got[-1] < got[0]

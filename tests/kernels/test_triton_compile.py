@@ -2,7 +2,7 @@
 
 The rest of the suite runs the kernels under ``TRITON_INTERPRET=1``, which accepts code that the
 real compiler rejects and knows nothing of shared-memory or register limits. These tests run
-``tests/_triton_aot.py`` in a subprocess without ``TRITON_INTERPRET``: it drives the real launchers
+``tools/triton_aot.py`` in a subprocess without ``TRITON_INTERPRET``: it drives the real launchers
 on fake CUDA tensors, records each launch (block sizes, heuristics, num_warps, num_stages, dot
 precision, argument specialisations) and compiles it with ``triton.compile`` for a ``GPUTarget``,
 which needs no GPU or driver. A configuration passes when it yields a cubin whose shared memory and
@@ -19,11 +19,12 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-HELPER = Path(__file__).with_name("_triton_aot.py")
+from _helpers import REPO
+
+HELPER = REPO / "tools" / "triton_aot.py"
 ARCHS = (80, 90)
 FULL = os.environ.get("DRP_AOT_FULL", "0").strip().lower() in ("1", "true", "yes", "on")
 full_only = pytest.mark.skipif(not FULL, reason="set DRP_AOT_FULL=1 for the full compile matrix (minutes)")
@@ -37,11 +38,11 @@ def _run_aot(tmp_path, *args, archs=ARCHS, timeout=1800):
     for arch in archs:
         cmd += ["--arch", str(arch)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=REPO)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     head = lines[0] if lines else {}
     if "capture_error" in head or proc.returncode not in (0, 1):
-        raise AssertionError(f"_triton_aot.py failed before compiling (rc={proc.returncode}):\n"
+        raise AssertionError(f"triton_aot.py failed before compiling (rc={proc.returncode}):\n"
                              f"{head.get('capture_error', '')}\n{proc.stderr[-4000:]}")
     results = [r for r in lines if "ok" in r]
     return proc.returncode, head, results, lines[-1]
@@ -61,7 +62,7 @@ def _check_all_compiled(rc, head, results, summary, archs=ARCHS):
     # every launchable kernel of every op file was compiled for every architecture
     assert sorted(head["defined_kernels"]) == head["scenario_ops"], \
         f"op files with Triton kernels {sorted(head['defined_kernels'])} vs files the helper drives " \
-        f"{head['scenario_ops']}: add the new op to SCENARIOS in tests/_triton_aot.py"
+        f"{head['scenario_ops']}: add the new op to SCENARIOS in tools/triton_aot.py"
     compiled = defaultdict(set)
     for r in results:
         compiled[r["arch"]].add(r["kernel"])

@@ -16,7 +16,7 @@ arguments.
 Must run in a process WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``triton.jit``
 returns an ``InterpretedFunction``). Usage::
 
-    python tests/_triton_aot.py --arch 80 --arch 90 [--op proto_loss] [--autotune] [--jobs 2] [--list]
+    python tools/triton_aot.py --arch 80 --arch 90 [--op proto_loss] [--autotune] [--jobs 2] [--list]
 
 Prints one JSON object per line ({"arch", "kernel", "config", "ok", "error", "seconds", ...})
 and exits with status 1 if any compile failed, 2 if the launch capture itself failed.
@@ -36,8 +36,10 @@ import tempfile
 import time
 import traceback
 
-if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
-    raise SystemExit("tests/_triton_aot.py must run without TRITON_INTERPRET (the interpreter cannot compile)")
+from drp_kernels.ops._triton_utils import interpreter_enabled  # noqa: E402  (the one TRITON_INTERPRET parser)
+
+if interpreter_enabled():
+    raise SystemExit("tools/triton_aot.py must run without TRITON_INTERPRET (the interpreter cannot compile)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -50,6 +52,8 @@ from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa: E402
+
+from drp_kernels._constants import METRICS, REPULSION_KINDS  # noqa: E402
 
 # SM count of the reference part of each architecture (A100, H100 SXM): launchers that size
 # their grid from torch.cuda.get_device_properties see these.
@@ -284,7 +288,7 @@ def _scenarios_proto_loss(dtypes, quick):
     need_ps = (True,) if quick else (False, True)
     for zdt, pdt in pairs:
         for b, c, d in shapes:
-            for metric in pl.METRICS:
+            for metric in METRICS:
                 native = zdt == pdt and zdt != torch.float32  # 16-bit dot; else torch's fp32 precision
                 precs = ["highest", "high"] if metric == "cosine" and not native and not quick else [None]
                 for prec in precs:
@@ -314,10 +318,10 @@ def _scenarios_repulsion(dtypes, quick):
     shapes = [(257, 130)] if quick else [(128, 128), (257, 130)]
     for dt in dtypes.values():
         for c, d in shapes:
-            for metric in rp.METRICS:
+            for metric in METRICS:
                 precs = ["highest", "high"] if metric == "cosine" and not quick else [None]
                 for prec in precs:
-                    for kind in rp.KINDS:
+                    for kind in REPULSION_KINDS:
                         name = f"repulsion {metric} {kind} X={dt} C,D={c},{d} matmul_precision={prec}"
 
                         def run(metric=metric, kind=kind, dt=dt, c=c, d=d, prec=prec):

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the da
               pytest.mark.usefixtures("one_thread")]
 
 apgd_mod = importlib.import_module("drp_kernels.attacks.apgd")
+common = importlib.import_module("drp_kernels.attacks._common")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_sweep_is_monotone_by_construction(models, monkeypatch):
 
 def test_sweep_does_not_attack_broken_points_again(models, monkeypatch):
     """At a larger eps the model only ever sees the points left robust at the smaller one."""
-    ev = importlib.import_module("drp_kernels.attacks.evaluate")
+    ev = importlib.import_module("drp_kernels.attacks.sweep")
     nets, x, y = models
     m = nets["ce"]
     current, calls = {}, []
@@ -174,7 +175,7 @@ def test_apgd_early_exit_keeps_every_trajectory(models, monkeypatch):
         for loss, kw in (("ce", {}), ("dlr-t", {"n_target_classes": 3})):
             a = A.apgd(m, x, y, eps=0.05, steps=25, loss=loss, seed=3, **kw)
             with monkeypatch.context() as mp:
-                mp.setattr(apgd_mod, "_exit_every", lambda device: 10 ** 9)
+                mp.setattr(common, "exit_every", lambda device: 10 ** 9)
                 b = A.apgd(m, x, y, eps=0.05, steps=25, loss=loss, seed=3, **kw)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 

@@ -102,7 +102,7 @@ def test_eval_end_to_end_json_and_png(drp_run, tmp_path, capsys):
 
 
 def test_eval_resolves_a_run_folder_or_a_file(drp_run):
-    from drp_train.evaluation import resolve_checkpoint
+    from drp_train.eval_cli import resolve_checkpoint
 
     out, info = drp_run
     assert os.path.samefile(resolve_checkpoint(str(out)), info["checkpoint"])
