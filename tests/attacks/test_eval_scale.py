@@ -452,7 +452,7 @@ def _free_port():
 
 def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.join(REPO, "python"), REPO] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+        [os.path.join(REPO, "python"), str(REPO)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
 
 
 QUICK = {"ce_steps": 5, "t_steps": 10, "n_targets": 3, "square_queries": 0}
