@@ -59,6 +59,8 @@ def _command(report_path, doc, out_json, seed, processes, limit=None):
         argv += ["--norm", doc["norm"]]
     if doc.get("decision") not in (None, "nearest"):
         argv += ["--decision", doc["decision"]]
+    if glob.glob(glob.escape(out_json) + ".partial*"):  # an interrupted run of this script: continue it
+        argv.append("--resume")
     if processes > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                 "-m", "drp_train", *argv]
@@ -89,7 +91,9 @@ def main(argv=None):
         name = model + ("" if os.path.basename(path) == "eval.json" else f" ({os.path.basename(path)[5:-5]})")
         new = {}
         for seed in args.seeds:
-            out_json = os.path.join(os.path.abspath(args.out), f"{model}-{os.path.basename(path)[:-5]}-seed{seed}.json")
+            n = args.limit or doc.get("n", 1000)  # in the name: a trial with fewer points is never reused as a full run
+            out_json = os.path.join(os.path.abspath(args.out),
+                                    f"{model}-{os.path.basename(path)[:-5]}-n{n}-seed{seed}.json")
             cmd = _command(path, doc, out_json, seed, args.processes, args.limit)
             print("$ " + shlex.join(cmd), flush=True)
             if args.dry_run:

@@ -17,13 +17,6 @@ __all__ = ["atomic_write", "TMP_PREFIX"]
 TMP_PREFIX = ".tmp-"
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path, writer, *, binary: bool = True):
     """Write ``path`` atomically; ``writer(f)`` writes the content to the open file ``f``.
 
@@ -35,7 +28,7 @@ def atomic_write(path, writer, *, binary: bool = True):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    mode = 0o666 & ~_umask()
+    mode = 0o666  # os.open applies the umask itself (reading it would mean setting it process-wide)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = os.path.join(folder, f"{TMP_PREFIX}{base}.{secrets.token_hex(6)}")

@@ -199,14 +199,20 @@ class SweepState:
         out.correct = torch.cat([s.correct for s in states])[keep]
         out.pos = pos[keep]
         out.broken = torch.cat([s.broken for s in states], dim=1)[:, keep]
-        rows = [(s.start_index, s.start_x) for s in states if s.start_x is not None and s.start_index.numel()]
+        # a point's warm start comes from the state whose row was kept: another state's start
+        # for it belongs to another stage
+        source = torch.cat([torch.full((s.index.numel(),), k, dtype=torch.int64) for k, s in enumerate(states)])[keep]
+        owner = dict(zip(out.index.tolist(), source.tolist()))
+        rows = [(k, s.start_index, s.start_x) for k, s in enumerate(states)
+                if s.start_x is not None and s.start_index.numel()]
         if rows:
             wanted = set(out.index[out._needs_start()].tolist())
-            si = torch.cat([r[0] for r in rows])
-            sx = torch.cat([r[1] for r in rows])
+            si = torch.cat([r[1] for r in rows])
+            sx = torch.cat([r[2] for r in rows])
+            src = torch.cat([torch.full((r[1].numel(),), r[0], dtype=torch.int64) for r in rows]).tolist()
             pick, seen = [], set()
             for i, v in enumerate(si.tolist()):
-                if v in wanted and v not in seen:
+                if v in wanted and v not in seen and owner[v] == src[i]:
                     pick.append(i)
                     seen.add(v)
             if pick:

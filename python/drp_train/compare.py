@@ -4,8 +4,12 @@ evaluate each with the attack suite over a list of eps, and report.
 Everything goes into `--out`: one run folder per method (checkpoints and
 metrics.jsonl from `drp_train.train.train`), `accuracy_vs_eps.png`,
 `training_curves.png`, `projection_<method>.png`, `report.md` and `compare.json`.
+The ``certified`` method trains its own network (an l-inf-distance net, the preset's
+``method_settings``) and gets its certified accuracy as a row of its own; ``--recertify``
+re-certifies a committed certified checkpoint beside the table.
 """
 import argparse
+import json
 import math
 import os
 import platform
@@ -27,10 +31,11 @@ from ._cli_utils import (
     stderr_is_terminal,
     write_json_atomic,
 )
-from .checkpoint import load_classifier
-from .compare_report import fmt_time, format_report, format_table
+from .checkpoint import load_classifier, resolve_checkpoint_path
+from .errors import CheckpointError
+from .compare_report import fmt_time, format_report, format_table, recertify_line
 from .config import DEFAULT_BATCH_SIZE, TrainConfig
-from .evaluation import SUITES, evaluate_model, load_eval_data
+from .evaluation import SUITES, certify_eps, evaluate_model, load_eval_data
 from .plots import plot_accuracy_vs_eps, plot_projection, plot_training_curves
 from .run_folder import RunFolder, prepare_output_folder, refuse_existing_runs
 from .train import train
@@ -56,6 +61,7 @@ METHODS = {
     "pgd-at": {"method": "pgd-at"},
     "trades": {"method": "trades"},
     "fast-at": {"method": "fast-at"},
+    "certified": {"method": "certified", "model": "linf-dist"},
 }
 DEFAULT_METHODS = ("ce", "drp-linf", "drp-cosine", "pgd-at")
 
@@ -68,6 +74,11 @@ CLASS_NAMES = {
 # Settings of a comparison that are not TrainConfig options.
 _EVAL_DEFAULTS = {"eval_limit": 1000, "eps": [0.1], "suite": "standard", "eval_batch_size": 500,
                   "paper_attack": True}
+# Training options of one method that differ from the others' (a certified net has its own
+# architecture and batch size). A flag given on the command line overrides them too.
+_METHOD_SETTINGS = {"certified": {"batch_size": DEFAULT_BATCH_SIZE[True]}}
+#: Test points that --recertify certifies (the first ones; eval.json counts them too).
+RECERTIFY_POINTS = 1000
 
 
 def _compare_preset(**settings) -> dict:
@@ -77,10 +88,13 @@ def _compare_preset(**settings) -> dict:
     base = {"dataset": d.dataset, "model": d.model, "epochs": d.epochs, "batch_size": DEFAULT_BATCH_SIZE[False],
             "lr": d.lr,
             "limit_train": d.limit_train, "limit_test": d.limit_test, "train_eps": d.eps,
-            "attack_steps": d.attack_steps, "methods": list(DEFAULT_METHODS), **_EVAL_DEFAULTS}
+            "attack_steps": d.attack_steps, "methods": list(DEFAULT_METHODS), **_EVAL_DEFAULTS,
+            "method_settings": {m: dict(v) for m, v in _METHOD_SETTINGS.items()}}
     unknown = sorted(set(settings) - set(base))
     if unknown:
         raise ValueError(f"a compare preset names unknown settings: {', '.join(unknown)}")
+    for m, extra in settings.pop("method_settings", {}).items():
+        base["method_settings"].setdefault(m, {}).update(extra)
     base.update(settings)
     return base
 
@@ -90,10 +104,12 @@ def _compare_preset(**settings) -> dict:
 PRESETS = {
     # `make demo`: the headline in at most 3 minutes on a 2-core CPU. CE, DRP-linf and PGD-AT,
     # 2 epochs on 20k images; the standard suite at eps 0.1 on 100 test points (Square takes
-    # half of the evaluation time), and DRP also under the paper's own attack.
+    # half of the evaluation time), and DRP also under the paper's own attack. A small
+    # certified net (3 x 128, first layer 256) trains 5 epochs, batch 512, on the same images.
     "demo": _compare_preset(
-        methods=["ce", "drp-linf", "pgd-at"], epochs=2, limit_train=20000, limit_test=1000, eval_limit=100,
-        eps=[0.1], attack_steps=5),
+        methods=["ce", "drp-linf", "pgd-at", "certified"], epochs=2, limit_train=20000, limit_test=1000,
+        eval_limit=100, eps=[0.1], attack_steps=5,
+        method_settings={"certified": {"depth": 3, "width": 128, "epochs": 5}}),
     # The full comparison: full Fashion-MNIST, 20 epochs, eps 0.1 and 0.3 on 1000 test points.
     "full": _compare_preset(epochs=20, eps=[0.1, 0.3], attack_steps=7),
 }
@@ -111,7 +127,7 @@ def add_compare_arguments(parser):
     a("--out", default=None, metavar="DIR", help="output folder (default: <preset>_out)")
     a("--methods", nargs="+", default=None, metavar="M",
       help=f"subset of {', '.join(METHODS)} (default: the preset's; full: {' '.join(DEFAULT_METHODS)})")
-    a("--model", default=None, help="network for every method (preset: cnn)")
+    a("--model", default=None, help="network for every method but certified, which trains linf-dist (preset: cnn)")
     a("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
     a("--batch-size", type=int, default=None, help=f"training batch size (default {DEFAULT_BATCH_SIZE[False]})")
     a("--lr", type=float, default=None, help="learning rate for every method (default: drp train's)")
@@ -128,6 +144,9 @@ def add_compare_arguments(parser):
     a("--paper-attack", action=argparse.BooleanOptionalAction, default=None,
       help="also evaluate each DRP model under the paper's own attack (suite paper; default: on)")
     a("--eval-batch-size", type=int, default=None, metavar="B", help="attack batch size (preset: 500)")
+    a("--recertify", default=None, metavar="CHECKPOINT",
+      help=f"also re-certify this certified checkpoint (run folder or .pt) on the first {RECERTIFY_POINTS} test "
+           "points at each eps, and compare with the eval.json beside it (make demo: the committed model)")
     a("--seed", type=int, default=0, help="default 0")
     a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     a("--resume", action="store_true",
@@ -139,12 +158,20 @@ def add_compare_arguments(parser):
 def resolve_settings(args):
     """Merge the preset with the explicit flags and validate. Returns a plain dict."""
     s = dict(PRESETS[args.preset])
+    s["method_settings"] = {m: dict(v) for m, v in s["method_settings"].items()}
     s["preset"] = args.preset
+    explicit = set()
     for key in ("dataset", "model", "epochs", "batch_size", "lr", "limit_train", "limit_test", "eval_limit",
                 "eps", "train_eps", "attack_steps", "suite", "eval_batch_size", "paper_attack"):
         val = getattr(args, key, None)
         if val is not None:
             s[key] = val
+            explicit.add(key)
+    # an explicit flag applies to every method, also where the preset sets a method's own value
+    for extra in s["method_settings"].values():
+        for key in explicit & set(extra):
+            del extra[key]
+    s["recertify"] = getattr(args, "recertify", None)
     s["data_dir"] = args.data_dir
     s["weight_decay"] = getattr(args, "weight_decay", None)
     s["methods"] = list(args.methods) if args.methods else list(s["methods"])
@@ -185,6 +212,7 @@ def _train_config(settings, name, device):
         # --resume continues the runs that exist; the others start
         "resume": settings["resume"] and RunFolder(os.path.join(settings["out"], name)).checkpoint() is not None,
         "device": None if device is None else str(device),
+        **settings["method_settings"].get(name, {}),
         **METHODS[name],
     }
     # None means "keep drp train's default" for the options compare does not pin.
@@ -240,8 +268,10 @@ def run_compare(args):
     check_at_least("--seed", settings["seed"], 0)
     # Every run's options are checked before anything is created or trained.
     configs = {name: _train_config(settings, name, device) for name in settings["methods"]}
-    if settings["model"] is None:  # drp train's default for the dataset, the same for every method
-        settings["model"] = next(iter(configs.values())).resolved().model
+    if settings["model"] is None:  # drp train's default for the dataset, the same for every method but certified
+        shared = [c for name, c in configs.items() if name != "certified"] or list(configs.values())
+        settings["model"] = shared[0].resolved().model
+    recert = _recertify_model(settings["recertify"], device)
     if not settings["resume"]:
         refuse_existing_runs(os.path.join(out, name) for name in settings["methods"])
     prepare_output_folder(out)
@@ -251,6 +281,8 @@ def run_compare(args):
 
     # Load the evaluation points first: a missing dataset fails before any training.
     x, y = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=settings["eval_limit"])
+    if recert is not None:
+        recert_data = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=RECERTIFY_POINTS)
 
     t_start = time.perf_counter()
     rows, files = [], []
@@ -283,6 +315,7 @@ def run_compare(args):
         rows.append({
             "name": name,
             "config": {k: v for k, v in METHODS[name].items()},
+            "training": _training_summary(cfg),
             "suite": settings["suite"],
             "run_dir": os.path.relpath(cfg.out, out),
             "checkpoint": os.path.relpath(info["checkpoint"], out),
@@ -292,6 +325,11 @@ def run_compare(args):
             "eval": ev,
             "paper_eval": paper_ev,
         })
+    recertified = None
+    if recert is not None:
+        if progress:
+            print(f"[compare] re-certifying {settings['recertify']}", file=sys.stderr, flush=True)
+        recertified = _recertify(recert, *recert_data, settings["eps"], settings["eval_batch_size"])
     total = time.perf_counter() - t_start
 
     curves = {}
@@ -313,12 +351,17 @@ def run_compare(args):
     env = _environment(device)
     saved = {k: v for k, v in settings.items()}
     write_json_atomic({"command": command, "settings": saved, "environment": env, "total_time_s": total,
-                       "models": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows}},
+                       "models": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows},
+                       "recertified": recertified},
                       os.path.join(out, "compare.json"))
     report = format_report(rows=rows, settings=saved, command=command, total_time_s=total, files=files,
                            environment=env)
+    if recertified is not None:
+        report = report.replace("\n## Command\n", f"\n{recertify_line(recertified)}\n\n## Command\n", 1)
     _write_text_atomic(report, os.path.join(out, "report.md"))
     print(format_table(rows, settings["eps"]))
+    if recertified is not None:
+        print(recertify_line(recertified))
     n_flags = sum(len(r["eval"].get("flags", [])) + sum(len(x["flags"]) for x in r["eval"]["results"]) for r in rows)
     if n_flags:
         print(f"{n_flags} evaluation flag(s) raised: see the Flags section of report.md")
@@ -326,12 +369,63 @@ def run_compare(args):
     return 0
 
 
+def _training_summary(cfg):
+    """What a method trained: network, epochs and batch (a certified net differs from the others)."""
+    c = cfg.resolved()
+    net = f"{c.model} {c.depth} x {c.width}, first layer {c.width_first}" if c.model == "linf-dist" else c.model
+    return {"network": net, "epochs": c.epochs, "batch_size": c.batch_size}
+
+
+def _recertify_model(path, device):
+    """The certified classifier of --recertify, loaded (and refused) before any training."""
+    if path is None:
+        return None
+    try:
+        resolved = resolve_checkpoint_path(path)
+        model = load_classifier(resolved, device=None if device is None else str(device))
+    except CheckpointError as exc:
+        raise _cli_error(f"--recertify: {exc}") from None
+    if not drp_kernels.is_certifiable(model):
+        raise _cli_error(f"--recertify: expected a certified checkpoint (method certified, model linf-dist), got "
+                         f"{path}")
+    return {"path": path, "resolved": resolved, "model": model}
+
+
+def _committed_counts(resolved, n):
+    """{eps: certified count on the first n test points} from the eval.json beside a checkpoint."""
+    found = {}
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(resolved)), "eval.json")) as f:
+            doc = json.load(f)
+        for r in doc.get("results", []):
+            if r.get("certified_n") == n:
+                found[float(r["eps"])] = int(r["certified"])
+            elif doc.get("n") == n and "certified_on_suite_points" in r:
+                found[float(r["eps"])] = int(r["certified_on_suite_points"])
+            elif doc.get("n") == n and "certified_n" not in r and "certified_accuracy" in r:  # older reports
+                found[float(r["eps"])] = round(float(r["certified_accuracy"]) * n)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return found
+
+
+def _recertify(recert, x, y, eps_list, batch_size):
+    """Certify the first len(x) test points at each eps; with the counts its eval.json recorded."""
+    t0 = time.perf_counter()
+    cert, _ = certify_eps(recert["model"], x, y, eps_list, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    committed = _committed_counts(recert["resolved"], int(y.shape[0]))
+    return {"checkpoint": recert["path"], "n": int(y.shape[0]), "time_s": seconds,
+            "results": [{"eps": float(e), "certified": int(c.sum()), "committed": committed.get(float(e))}
+                        for e, c in zip(eps_list, cert)]}
+
+
 def command_line(args):
     """The `drp compare` command line equivalent to `args` (explicitly set options only)."""
     parts = ["drp", "compare", "--preset", args.preset]
     for dest in ("dataset", "data_dir", "out", "methods", "model", "epochs", "batch_size", "lr", "weight_decay",
                  "train_eps", "attack_steps", "limit_train", "limit_test", "eps", "eval_limit", "suite",
-                 "eval_batch_size",
+                 "eval_batch_size", "recertify",
                  "seed", "device"):
         val = getattr(args, dest, None)
         if val is None or (dest == "seed" and val == 0):

@@ -1,6 +1,6 @@
 """The table and the Markdown report of ``drp compare``."""
 
-__all__ = ["format_table", "format_report", "fmt_time"]
+__all__ = ["format_table", "format_report", "fmt_time", "recertify_line"]
 
 
 def _pct(v):
@@ -12,13 +12,16 @@ def fmt_time(s):
 
 
 def _table_rows(rows):
-    """(method, attack, eval result, train time) per line: each model under the suite, and DRP
-    models also under the paper's own attack, right below."""
+    """(method, attack, eval result, accuracy key, train time) per line: each model under the suite,
+    DRP models also under the paper's own attack and certified models with their certificate,
+    right below."""
     out = []
     for r in rows:
-        out.append((r["name"], f"{r.get('suite', 'standard')} suite", r["eval"], r["train_time_s"]))
+        out.append((r["name"], f"{r.get('suite', 'standard')} suite", r["eval"], "robust_accuracy", r["train_time_s"]))
         if r.get("paper_eval") is not None:
-            out.append((r["name"], "paper's attack", r["paper_eval"], r["train_time_s"]))
+            out.append((r["name"], "paper's attack", r["paper_eval"], "robust_accuracy", r["train_time_s"]))
+        if any("certified_accuracy" in x for x in r["eval"]["results"]):
+            out.append((r["name"], "certified", r["eval"], "certified_accuracy", r["train_time_s"]))
     return out
 
 
@@ -26,8 +29,8 @@ def format_table(rows, eps_list, *, markdown=False):
     """The paper-style table: method, attack, clean, robust at each eps, training and evaluation time."""
     head = ["method", "attack", "clean"] + [f"eps={e:g}" for e in eps_list] + ["train time", "eval time"]
     body = []
-    for name, attack, ev, train_time in _table_rows(rows):
-        by_eps = {float(x["eps"]): x["robust_accuracy"] for x in ev["results"]}
+    for name, attack, ev, key, train_time in _table_rows(rows):
+        by_eps = {float(x["eps"]): x[key] for x in ev["results"] if key in x}
         body.append([name, attack, _pct(ev["clean_accuracy"])]
                     + [_pct(by_eps[e]) if e in by_eps else "-" for e in eps_list]
                     + [fmt_time(train_time), fmt_time(ev["eval_time_s"])])
@@ -39,6 +42,16 @@ def format_table(rows, eps_list, *, markdown=False):
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def recertify_line(rec):
+    """One line: the re-certified counts of --recertify beside its eval.json's."""
+    parts = []
+    for r in rec["results"]:
+        was = "" if r["committed"] is None else f" (its eval.json: {r['committed']})"
+        parts.append(f"{r['certified']}/{rec['n']} at eps {r['eps']:g}{was}")
+    return (f"re-certified {rec['checkpoint']} on the first {rec['n']} test points in {rec['time_s']:.1f} s: "
+            + ", ".join(parts))
 
 
 def _final_line(final, train_time_s):
@@ -56,12 +69,16 @@ def format_report(*, rows, settings, command, total_time_s, files, environment):
     """The Markdown report: table, command line, settings, per-attack numbers and flags."""
     eps_list = settings["eps"]
     n_eval = rows[0]["eval"]["n"] if rows else 0
+    others = " but certified" if any(r["name"] == "certified" for r in rows) else ""
     out = [
         f"# drp compare: {settings['dataset']}",
         "",
         f"Robust accuracy under the **{settings['suite']}** attack suite (L-inf), on the first {n_eval} test "
-        f"points. Every method trains the same `{settings['model']}` network for {settings['epochs']} "
+        f"points. Every method{others} trains the same `{settings['model']}` network for {settings['epochs']} "
         f"epoch{'' if settings['epochs'] == 1 else 's'}, batch {settings['batch_size']}, seed {settings['seed']}."
+        + "".join(f" {r['name']} trains `{r['training']['network']}` for {r['training']['epochs']} epochs, batch "
+                  f"{r['training']['batch_size']}; its certified line is what `drp_kernels.certify` proves."
+                  for r in rows if r["name"] == "certified" and "training" in r)
         + (" DRP models are also evaluated under the paper's own attack (PGD on the distance to the true "
            "prototype, step eps/4, 20 steps, no random start): the gap between the two lines of a DRP model is "
            "the robustness that only the weaker attack sees." if any(r.get("paper_eval") for r in rows) else ""),

@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, load_classifier, resolve_checkpoint_pat
 from .config import run_label
 from .errors import CheckpointError, DrpTrainError
 from .eval_partial import (EvalInterrupted, args_digest, continue_command, file_sha256, partial_path, partial_paths,
-                           read_partials, write_partial)
+                           read_partials, tensors_sha256, write_partial)
 from .evaluation import (CERT_BATCH, CERTIFICATE_NOTES, DECISIONS, NORM_NAMES, PAPER_SUITES, SUITES, add_certified,
                          certify_eps, correct_count, format_eval_table, frac, load_eval_data, suite_result)
 from .signals import TermAsInterrupt
@@ -51,6 +51,7 @@ from .signals import TermAsInterrupt
 __all__ = ["add_eval_arguments", "run_eval", "resolve_checkpoint", "portable_path", "NORMS"]
 
 NORMS = attacks.NORMS
+DEFAULT_LIMIT = 1000  # test points the attacks use by default
 
 
 def add_eval_arguments(parser):
@@ -72,8 +73,8 @@ def add_eval_arguments(parser):
     parser.add_argument("--decision", choices=DECISIONS, default=None,
                         help="DRP checkpoints: the decision rule to evaluate, nearest prototype or the "
                              "paper's normalised dot product (default: the checkpoint's, nearest)")
-    parser.add_argument("--limit", type=int, default=1000, metavar="N",
-                        help="attack the first N test points; 0: all of them (default: 1000)")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
+                        help=f"attack the first N test points; 0: all of them (default: {DEFAULT_LIMIT})")
     parser.add_argument("--all", action="store_true",
                         help="every test point, for the attacks and the certificate (the same as --limit 0)")
     parser.add_argument("--certify-limit", type=int, default=None, metavar="M",
@@ -176,12 +177,18 @@ def _run_eval(args):
             bad = next(r for r, d in enumerate(digests) if d != digests[0])
             raise _cli_error(f"torchrun ranks disagree on the arguments (rank {bad} differs from rank 0); start "
                              "every rank with the same `drp eval` command")
-        plan, message = None, None
+        plan, message, failure = None, None, None
         try:
             plan = _prepare(args, device)
         except DrpTrainError as exc:
             message = " ".join(str(exc).split())
+        except Exception as exc:  # noqa: BLE001 - an unexpected error: the other ranks must not wait for it
+            if not info.enabled:
+                raise
+            failure, message = exc, f"rank {info.rank} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
         message = ddp.first_message(message, info)  # every rank stops if any rank found a problem
+        if failure is not None:
+            raise failure
         if message is not None:
             raise _cli_error(message)
         return _execute(plan, args, info)
@@ -201,6 +208,8 @@ def _prepare(args, device):
         if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):
             raise _cli_error(f"--eps: expected L2 radii >= 0 (numbers or fractions), got "
                              f"{' '.join(f'{e:g}' for e in eps_list)}")
+    if getattr(args, "all", False) and args.limit not in (None, 0, DEFAULT_LIMIT):
+        raise _cli_error(f"--limit {args.limit} with --all: --all attacks every test point")
     limit = 0 if getattr(args, "all", False) else args.limit
     if limit is None or limit < 0:
         raise _cli_error(f"--limit: expected a number of test points >= 1, or 0 for all of them, got {limit}")
@@ -248,8 +257,15 @@ def _prepare(args, device):
                              f"the largest distance inside [0, 1]), got {max(eps_list):g}")
     meta = {"checkpoint_sha256": file_sha256(path), "dataset": config["dataset"], "eps": list(eps_list),
             "suites": list(suites), "seed": int(args.seed), "norm": norm,
-            "decision": model.decision if is_proto else None, "n": int(n)}
+            "decision": model.decision if is_proto else None, "n": int(n),
+            "data_sha256": tensors_sha256(x[:max(n, m)], y[:max(n, m)]),
+            "engine": f"drp_kernels {getattr(drp_kernels, '__version__', '?')}, torch {torch.__version__}",
+            "device": torch.device(device).type, "compile": bool(getattr(args, "compile", False))}
     resumed = {}
+    if not resume and args.json is not None and partial_paths(args.json):
+        raise _cli_error(f"--json: partial results of an interrupted evaluation lie beside {args.json} "
+                         f"({os.path.basename(partial_paths(args.json)[0])}): continue it with --resume, or delete "
+                         "them to start afresh")
     if resume:
         found = partial_paths(args.json)
         if not found:
@@ -266,9 +282,6 @@ def _execute(plan, args, info):
     device, norm, eps_list, suites = plan["device"], plan["norm"], plan["eps"], plan["suites"]
     model = model.to(device).eval()
     my_partial = partial_path(args.json, info) if args.json is not None else None
-    if args.json is not None and not args.resume and info.is_main:
-        for stale in partial_paths(args.json):  # a fresh evaluation: old partial results would mislead a --resume
-            os.unlink(stale)
     ddp.barrier(info)
     progress = not args.quiet and info.is_main
     shard = torch.arange(n)[info.rank::info.world_size]
@@ -278,7 +291,8 @@ def _execute(plan, args, info):
     kwargs = {"eps_list": eps_list, "norm": norm, "seed": int(args.seed), "compile": bool(args.compile)}
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
-    states = {}
+    # every resumed suite from the start, so that an interrupt before the loop reaches it keeps it
+    states = {s: plan["resumed"][s].select(shard) for s in suites if s in plan["resumed"]}
     t0 = time.perf_counter()
 
     def save(_state=None):
@@ -288,10 +302,10 @@ def _execute(plan, args, info):
     try:
         with TermAsInterrupt():
             for suite in suites:
-                prev = plan["resumed"].get(suite)
-                st = prev.select(shard) if prev is not None else attacks.SweepState(
-                    index=shard, eps_list=eps_list, suite=suite, norm=norm, seed=int(args.seed))
-                states[suite] = st
+                if suite not in states:
+                    states[suite] = attacks.SweepState(index=shard, eps_list=eps_list, suite=suite, norm=norm,
+                                                       seed=int(args.seed))
+                st = states[suite]
                 if shard.numel():
                     attacks.sweep(model, x[shard], y[shard], suite=suite, index=shard, state=st, progress=progress,
                                   on_batch=save, **kwargs)
@@ -307,7 +321,7 @@ def _execute(plan, args, info):
         save()
         raise EvalInterrupted(f"interrupted; the partial results are in {my_partial}: continue with "
                               f"`{continue_command(args, info)}`") from None
-    payload = {"states": {s: st.to_dict(starts=False) for s, st in states.items()},
+    payload = {"states": {s: states[s].to_dict(starts=False) for s in suites if s in states},
                "timings": {s: st.timings for s, st in states.items()},
                "cert": cert, "cert_secs": cert_secs, "elapsed": time.perf_counter() - t0}
     everything = ddp.gather_objects(payload, info)

@@ -40,6 +40,14 @@ def partial_path(json_path, info):
     return base if not info.enabled else f"{base}.rank{info.rank}-of-{info.world_size}"
 
 
+def tensors_sha256(*tensors):
+    """One digest of the tensors' bytes (the test points a partial file was made with)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,7 +63,11 @@ _META_CHECKS = (("checkpoint_sha256", "model", "evaluate the checkpoint it was m
                 ("seed", "seed", "give the same --seed"),
                 ("norm", "norm", "give the same --norm"),
                 ("decision", "decision rule", "give the same --decision"),
-                ("n", "number of points", "give the same --limit"))
+                ("n", "number of points", "give the same --limit"),
+                ("data_sha256", "copy of the test points", "give the same --data-dir"),
+                ("engine", "engine (drp_kernels, torch)", "resume with the versions it was made with"),
+                ("device", "device type", "give the same --device"),
+                ("compile", "--compile setting", "give the same --compile"))
 
 
 def _short(v):

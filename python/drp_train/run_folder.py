@@ -102,11 +102,18 @@ class RunFolder:
             f.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list:
-        """The rows of ``metrics.jsonl`` ([] when there is none)."""
+        """The rows of ``metrics.jsonl`` ([] when there is none). A last line that a killed run
+        left unfinished is skipped (the checkpoint, written after it, is what a resume trusts)."""
         rows = []
         if os.path.isfile(self.metrics):
             with open(self.metrics) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                lines = [line for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    if i != len(lines) - 1:
+                        raise ValueError(f"{self.metrics}: line {i + 1} is not JSON") from None
         return rows
 
 

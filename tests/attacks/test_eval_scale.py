@@ -285,6 +285,7 @@ def _raise():
     (["--resume"], "--resume: needs --json"),
     (["--certify-limit", "10"], "--certify-limit"),
     (["--limit", "-3"], "--limit"),
+    (["--limit", "5", "--all"], "--limit 5 with --all"),
 ])
 def test_drp_eval_bad_input_is_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
     base = ["eval", "--checkpoint", CE, "--eps", "0.1", "--limit", "4", "--quiet"]
@@ -549,3 +550,50 @@ def test_sigkill_in_apgd_t_then_resume_gives_the_same_json(tmp_path, capsys, lau
     assert "apgd-ce:" not in res.stderr
     assert re.search(rf"^eps 0\.005 apgd-t: {left} points,", res.stderr, re.M), res.stderr[-2000:]
     assert not evaluation.partial_paths(js)
+
+
+def test_merge_takes_each_warm_start_from_the_state_whose_row_it_keeps():
+    """Two partial files of one point at different progress (one process, then two): the merged
+    state continues from the furthest row and from that row's warm start, not the older one's."""
+    kw = dict(eps_list=[0.01, 0.02, 0.03], suite="standard", norm="linf", seed=0, stages=["a", "b"])
+    old, new = (A.SweepState(index=torch.tensor([5, 6]), **kw) for _ in range(2))
+    for st, pos, fill in ((old, 2, 1.0), (new, 4, 2.0)):  # between eps 1 and 2, between eps 2 and 3
+        st.correct[:] = 1
+        st.pos[:] = pos
+        st.start_index = torch.tensor([5, 6])
+        st.start_x = torch.full((2, 3), fill)
+    new.pos[1] = 1  # point 6: the old file got further
+    for order in ((old, new), (new, old)):
+        merged = A.SweepState.merge(order)
+        assert merged.pos.tolist() == [4, 2]
+        got = dict(zip(merged.start_index.tolist(), merged.start_x[:, 0].tolist()))
+        assert got == {5: 2.0, 6: 1.0}, order
+
+
+def test_read_metrics_skips_an_unfinished_last_line_only(tmp_path):
+    from drp_train.run_folder import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    with open(folder.metrics, "w") as f:
+        f.write('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert folder.read_metrics() == [{"epoch": 1}, {"epoch": 2}]
+    with open(folder.metrics, "w") as f:
+        f.write('{"epoch": 1}\n{"ep\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        folder.read_metrics()
+
+
+def test_drp_eval_fresh_run_refuses_partial_results_and_keeps_them(tmp_path, capsys, tiny_suite, cheap_checks,
+                                                                     monkeypatch):
+    evaluation = importlib.import_module("drp_train.eval_cli")
+    js = tmp_path / "eval.json"
+    monkeypatch.setattr(evaluation, "write_partial",
+                        lambda *a, _real=evaluation.write_partial, **kw: (_real(*a, **kw), _raise()))
+    assert _run(_eval_args(js), capsys)[0] == 130
+    monkeypatch.undo()
+    partial = str(js) + ".partial"
+    before = open(partial, "rb").read()
+    code, _, err = _run(_eval_args(js), capsys)  # the same command without --resume
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--resume" in err and "eval.json.partial" in err, err
+    assert not js.exists() and open(partial, "rb").read() == before

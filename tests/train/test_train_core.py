@@ -312,7 +312,7 @@ def test_presets_and_compare_settings_derive_from_trainconfig():
         assert preset["dataset"] == d.dataset, name
         # None: drp train resolves it per dataset and method, exactly as a plain `drp train` would
         assert preset["lr"] is None and preset["model"] is None and preset["train_eps"] is None, name
-    assert compare.PRESETS["demo"]["methods"] == ["ce", "drp-linf", "pgd-at"]
+    assert compare.PRESETS["demo"]["methods"] == ["ce", "drp-linf", "pgd-at", "certified"]
     assert compare.PRESETS["full"]["methods"] == list(compare.DEFAULT_METHODS)
     # the fmnist preset of drp train is the plain defaults on Fashion-MNIST
     assert apply_preset("fmnist", {}).resolved() == TrainConfig(dataset="fashion-mnist", preset="fmnist").resolved()

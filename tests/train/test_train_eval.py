@@ -260,3 +260,72 @@ def test_compare_resume_continues_existing_runs_and_starts_the_others(tmp_path):
     assert compare._train_config(settings, "pgd-at", None).resume is False
     settings["resume"] = False
     assert compare._train_config(settings, "ce", None).resume is False
+
+
+COMMITTED_CERTIFIED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                   "results", "fashion-mnist", "certified")
+
+
+def test_demo_preset_trains_a_small_certified_net_with_its_own_settings(tmp_path):
+    from drp_train import compare
+
+    demo = compare.PRESETS["demo"]
+    assert demo["methods"] == ["ce", "drp-linf", "pgd-at", "certified"]
+    settings = dict(demo, data_dir=None, weight_decay=None, seed=0, out=str(tmp_path), quiet=True, resume=False)
+    cert = compare._train_config(settings, "certified", None).resolved()
+    ce = compare._train_config(settings, "ce", None).resolved()
+    assert (cert.method, cert.model, cert.depth, cert.width, cert.width_first) == ("certified", "linf-dist", 3, 128,
+                                                                                   256)
+    assert (cert.epochs, cert.batch_size) == (5, 512) and (ce.epochs, ce.batch_size, ce.model) == (2, 128, "cnn")
+    assert cert.limit_train == ce.limit_train == 20000
+    # an explicit flag applies to every method, the certified one included
+    args = cli.build_parser().parse_args(["compare", "--preset", "demo", "--epochs", "1", "--batch-size", "64"])
+    s = compare.resolve_settings(args)
+    s.update(quiet=True, resume=False)
+    cert = compare._train_config(s, "certified", None).resolved()
+    assert (cert.epochs, cert.batch_size, cert.depth) == (1, 64, 3)
+    assert compare.PRESETS["demo"]["method_settings"]["certified"]["epochs"] == 5  # the preset is untouched
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(os.path.join(COMMITTED_CERTIFIED, "eval.json")),
+                    reason="needs the committed certified model")
+def test_compare_certified_row_and_recertify_line(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "demo", "--out", str(out), "--limit-train", "512", "--limit-test", "64",
+            "--eval-limit", "24", "--epochs", "1", "--suite", "quick", "--eps", "0.1", "--methods", "ce",
+            "certified", "--recertify", COMMITTED_CERTIFIED, "--quiet"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    cert_rows = [line.split() for line in lines if line.startswith("certified")]
+    assert [r[1] for r in cert_rows] == ["quick", "certified"], stdout
+    doc = json.loads((out / "compare.json").read_text())
+    entry = doc["models"]["certified"]
+    res = entry["eval"]["results"][0]
+    assert 0 <= res["certified_accuracy"] <= res["robust_accuracy"] <= entry["eval"]["clean_accuracy"]
+    assert cert_rows[1][3] == f"{100 * res['certified_accuracy']:.1f}%"
+    assert entry["training"]["network"] == "linf-dist 3 x 128, first layer 256"
+    cfg = load_checkpoint(str(out / entry["checkpoint"]))["config"]
+    assert (cfg["model"], cfg["depth"], cfg["width"], cfg["limit_train"]) == ("linf-dist", 3, 128, 512)
+    # the committed model re-certifies to what its eval.json recorded on the first 1000 points
+    rec = doc["recertified"]
+    assert rec["n"] == 1000 and rec["checkpoint"] == COMMITTED_CERTIFIED
+    (r,) = rec["results"]
+    assert r["committed"] is not None and r["certified"] == r["committed"], rec
+    assert f"{r['certified']}/1000 at eps 0.1 (its eval.json: {r['committed']})" in stdout
+    assert "re-certified" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("target, needle", [("missing", "--recertify"), ("ce", "expected a certified checkpoint")])
+def test_compare_recertify_misuse_is_one_line_before_training(tmp_path, capsys, target, needle):
+    out = tmp_path / "cmp"
+    path = str(tmp_path / "nowhere.pt")
+    if target == "ce":
+        cfg = TrainConfig(method="ce", epochs=1, limit_train=64, limit_test=16, batch_size=32,
+                          out=str(tmp_path / "ce"), quiet=True)
+        path = train(cfg, progress=False)["checkpoint"]
+    code, _, err = run_cli(["compare", "--preset", "demo", "--out", str(out), "--quiet", "--recertify", path], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "--recertify" in err, err
+    assert not out.exists()
