@@ -1,7 +1,10 @@
 """Make run folders portable before committing them: drop ``out`` (where the run was written) from
 ``config.json`` and from the config inside every checkpoint, as ``drp train`` itself now writes them.
 
-    python tools/portable_run.py results/fashion-mnist/certified [more run folders]
+    python tools/portable_run.py [--drop-optimizer] results/fashion-mnist/certified [more run folders]
+
+--drop-optimizer also drops the optimiser, scheduler and scaler state from the checkpoints (a
+committed model is evaluated, not resumed; the issue's size limit is 25 MB).
 
 Files are rewritten atomically and only when they change; everything else in them stays as it was.
 tests/test_repository.py fails on any absolute path left under results/.
@@ -15,8 +18,12 @@ from drp_train.checkpoint import load_checkpoint, save_checkpoint
 from drp_train.run_folder import CHECKPOINT_NAMES, UNSTORED_KEYS
 
 
-def portable(folder: str) -> list:
-    """Rewrite the run folder's config.json and checkpoints without ``out``; return what changed."""
+TRAINING_STATE = ("optimizer", "scheduler", "scaler")
+
+
+def portable(folder: str, drop_optimizer: bool = False) -> list:
+    """Rewrite the run folder's config.json and checkpoints without ``out`` (and, with
+    ``drop_optimizer``, without the training state); return what changed."""
     changed = []
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
@@ -32,19 +39,23 @@ def portable(folder: str) -> list:
         if not os.path.isfile(path):
             continue
         data = load_checkpoint(path)
-        if any(k in data["config"] for k in UNSTORED_KEYS):
+        drop = [k for k in TRAINING_STATE if drop_optimizer and data.get(k) is not None]
+        if drop or any(k in data["config"] for k in UNSTORED_KEYS):
             data["config"] = {k: v for k, v in data["config"].items() if k not in UNSTORED_KEYS}
+            data.update({k: None for k in drop})
             save_checkpoint(path, {k: v for k, v in data.items() if k not in ("kind", "format")})
             changed.append(path)
     return changed
 
 
 def main(argv) -> int:
-    if not argv:
+    drop = "--drop-optimizer" in argv
+    folders = [a for a in argv if a != "--drop-optimizer"]
+    if not folders:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    for folder in argv:
-        for path in portable(folder):
+    for folder in folders:
+        for path in portable(folder, drop_optimizer=drop):
             print(f"rewrote {path}")
     return 0
 
