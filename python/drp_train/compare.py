@@ -9,7 +9,6 @@ The ``certified`` method trains its own network (an l-inf-distance net, the pres
 re-certifies a committed certified checkpoint beside the table.
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -33,7 +32,7 @@ from ._cli_utils import (
 )
 from .checkpoint import load_classifier, resolve_checkpoint_path
 from .errors import CheckpointError
-from .compare_report import fmt_time, format_report, format_table, recertify_line
+from .compare_report import committed_counts, fmt_time, format_report, format_table, recertify_line
 from .config import DEFAULT_BATCH_SIZE, TrainConfig
 from .evaluation import SUITES, certify_eps, evaluate_model, load_eval_data
 from .plots import plot_accuracy_vs_eps, plot_projection, plot_training_curves
@@ -391,31 +390,13 @@ def _recertify_model(path, device):
     return {"path": path, "resolved": resolved, "model": model}
 
 
-def _committed_counts(resolved, n):
-    """{eps: certified count on the first n test points} from the eval.json beside a checkpoint."""
-    found = {}
-    try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(resolved)), "eval.json")) as f:
-            doc = json.load(f)
-        for r in doc.get("results", []):
-            if r.get("certified_n") == n:
-                found[float(r["eps"])] = int(r["certified"])
-            elif doc.get("n") == n and "certified_on_suite_points" in r:
-                found[float(r["eps"])] = int(r["certified_on_suite_points"])
-            elif doc.get("n") == n and "certified_n" not in r and "certified_accuracy" in r:  # older reports
-                found[float(r["eps"])] = round(float(r["certified_accuracy"]) * n)
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return found
-
-
 def _recertify(recert, x, y, eps_list, batch_size):
     """Certify the first len(x) test points at each eps; with the counts its eval.json recorded."""
     t0 = time.perf_counter()
     cert, _ = certify_eps(recert["model"], x, y, eps_list, batch_size=batch_size)
     seconds = time.perf_counter() - t0
-    committed = _committed_counts(recert["resolved"], int(y.shape[0]))
-    return {"checkpoint": recert["path"], "n": int(y.shape[0]), "time_s": seconds,
+    report, committed = committed_counts(recert["resolved"], int(y.shape[0]))
+    return {"checkpoint": recert["path"], "n": int(y.shape[0]), "time_s": seconds, "report": report,
             "results": [{"eps": float(e), "certified": int(c.sum()), "committed": committed.get(float(e))}
                         for e, c in zip(eps_list, cert)]}
 

@@ -1,6 +1,9 @@
-"""The table and the Markdown report of ``drp compare``."""
+"""The table and the Markdown report of ``drp compare``, and the counts of a committed report."""
+import glob
+import json
+import os
 
-__all__ = ["format_table", "format_report", "fmt_time", "recertify_line"]
+__all__ = ["format_table", "format_report", "fmt_time", "recertify_line", "committed_counts"]
 
 
 def _pct(v):
@@ -44,11 +47,37 @@ def format_table(rows, eps_list, *, markdown=False):
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
 
+def committed_counts(resolved, n):
+    """(report name, {eps: certified count on the first n test points}) from the report beside a
+    checkpoint: eval.json, else the first eval-*.json (such as eval-quick.json)."""
+    folder = os.path.dirname(os.path.abspath(resolved))
+    names = [f for f in ["eval.json"] + sorted(os.path.basename(p) for p in glob.glob(os.path.join(
+        glob.escape(folder), "eval-*.json"))) if os.path.isfile(os.path.join(folder, f))]
+    return (names[0], _report_counts(os.path.join(folder, names[0]), n)) if names else (None, {})
+
+
+def _report_counts(path, n):
+    found = {}
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        for r in doc.get("results", []):
+            if r.get("certified_n") == n:
+                found[float(r["eps"])] = int(r["certified"])
+            elif doc.get("n") == n and "certified_on_suite_points" in r:
+                found[float(r["eps"])] = int(r["certified_on_suite_points"])
+            elif doc.get("n") == n and "certified_n" not in r and "certified_accuracy" in r:  # older reports
+                found[float(r["eps"])] = round(float(r["certified_accuracy"]) * n)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return found
+
+
 def recertify_line(rec):
     """One line: the re-certified counts of --recertify beside its eval.json's."""
     parts = []
     for r in rec["results"]:
-        was = "" if r["committed"] is None else f" (its eval.json: {r['committed']})"
+        was = "" if r["committed"] is None else f" (its {rec.get('report') or 'eval.json'}: {r['committed']})"
         parts.append(f"{r['certified']}/{rec['n']} at eps {r['eps']:g}{was}")
     return (f"re-certified {rec['checkpoint']} on the first {rec['n']} test points in {rec['time_s']:.1f} s: "
             + ", ".join(parts))
