@@ -78,7 +78,9 @@ class StageProgress:
             logger.info("%s: %d/%d iterations, %d/%d points left, ETA %s", self.desc, self.done, self.total,
                         self.left, self.points, self.eta())
 
-    def close(self, *, left=None) -> None:
+    def close(self, *, left=None, interrupted: bool = False) -> None:
+        """End the stage; ``interrupted``: it stopped early (an exception), so the line says where
+        it stopped instead of a count of points left that the stage never finished."""
         if not self.enabled:
             return
         if left is not None:
@@ -86,6 +88,9 @@ class StageProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif interrupted:
+            logger.info("%s: stopped after %.1f s at %d/%d iterations", self.desc, time.perf_counter() - self._t0,
+                        self.done, self.total)
         else:
             logger.info("%s: done in %.1f s, %d/%d points left", self.desc, time.perf_counter() - self._t0,
                         self.left, self.points)

@@ -224,6 +224,7 @@ def _sweep_step(run, x, y, state, step, *, stages, order, eps_keys, eps_list, no
     chunks = list(torch.split(todo, batch_size))
     bar = StageProgress(f"{label}{name}", total=iters * len(chunks), points=todo.numel(), enabled=progress)
     left_other = todo.numel()
+    finished = False
     try:
         for chunk in chunks:
             left_other -= chunk.numel()
@@ -250,8 +251,12 @@ def _sweep_step(run, x, y, state, step, *, stages, order, eps_keys, eps_list, no
             left_other += chunk.numel() - int(broken.sum())
             if on_batch is not None:
                 on_batch(state)
+        finished = True
     finally:
-        bar.close(left=int((state.alive() & (state.pos > step)).sum()))
+        if finished:
+            bar.close(left=int((state.alive() & (state.pos > step)).sum()))
+        else:
+            bar.close(interrupted=True)
 
 
 def sweep(model, x, y, *, eps_list, suite="standard", norm="linf", seed=0, batch_size=256, index=None, state=None,

@@ -147,8 +147,12 @@ def test_sweep_resumes_after_an_interruption_in_apgd_t(ce_model, tiny_suite, cap
             raise KeyboardInterrupt
 
     state = A.SweepState(index=torch.arange(32), eps_list=kw["eps_list"], suite="standard", norm="linf", seed=0)
-    with pytest.raises(KeyboardInterrupt):
-        A.sweep(ce_model, x, y, state=state, progress=False, on_batch=stop_in_apgd_t, **kw)
+    with caplog.at_level(logging.INFO, logger="drp_kernels.attacks"), pytest.raises(KeyboardInterrupt):
+        A.sweep(ce_model, x, y, state=state, progress=True, on_batch=stop_in_apgd_t, **kw)
+    # the stopped stage says where it stopped, not "done" with a count it never finished
+    last = [r.getMessage() for r in caplog.records if "eps 0.005 apgd-t" in r.getMessage()][-1]
+    assert "stopped after" in last and "done in" not in last, last
+    caplog.clear()
     back = A.SweepState.from_dict(saved[-1])
     assert torch.equal(back.pos, state.pos) and torch.equal(back.broken, state.broken)
     left = int((back.alive() & (back.pos == 1)).sum())
