@@ -203,21 +203,22 @@ class SweepState:
         # for it belongs to another stage
         source = torch.cat([torch.full((s.index.numel(),), k, dtype=torch.int64) for k, s in enumerate(states)])[keep]
         owner = dict(zip(out.index.tolist(), source.tolist()))
-        rows = [(k, s.start_index, s.start_x) for k, s in enumerate(states)
-                if s.start_x is not None and s.start_index.numel()]
-        if rows:
-            wanted = set(out.index[out._needs_start()].tolist())
-            si = torch.cat([r[1] for r in rows])
-            sx = torch.cat([r[2] for r in rows])
-            src = torch.cat([torch.full((r[1].numel(),), r[0], dtype=torch.int64) for r in rows]).tolist()
-            pick, seen = [], set()
-            for i, v in enumerate(si.tolist()):
-                if v in wanted and v not in seen and owner[v] == src[i]:
+        wanted = set(out.index[out._needs_start()].tolist())
+        parts, seen = [], set()
+        for k, s in enumerate(states):
+            if s.start_x is None or not s.start_index.numel():
+                continue
+            pick = []
+            for i, v in enumerate(s.start_index.tolist()):
+                if v in wanted and v not in seen and owner[v] == k:
                     pick.append(i)
                     seen.add(v)
             if pick:
                 p = torch.tensor(pick, dtype=torch.int64)
-                out.start_index, out.start_x = si[p], sx[p]
+                parts.append((s.start_index[p], s.start_x[p]))
+        if parts:
+            out.start_index = torch.cat([a for a, _ in parts])
+            out.start_x = torch.cat([b for _, b in parts])
         for k in range(len(out.eps_list)):
             for s in states:
                 for name, t in s.timings[k].items():

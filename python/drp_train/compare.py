@@ -279,9 +279,15 @@ def run_compare(args):
     command = command_line(args)
 
     # Load the evaluation points first: a missing dataset fails before any training.
-    x, y = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=settings["eval_limit"])
+    # (once: --recertify takes the first RECERTIFY_POINTS of the same points)
+    limit = settings["eval_limit"]
+    if recert is not None and limit is not None:
+        limit = max(limit, RECERTIFY_POINTS)
+    x, y = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=limit)
     if recert is not None:
-        recert_data = load_eval_data(settings["dataset"], data_dir=settings["data_dir"], limit=RECERTIFY_POINTS)
+        recert_data = (x[:RECERTIFY_POINTS], y[:RECERTIFY_POINTS])
+    if settings["eval_limit"] is not None:
+        x, y = x[:settings["eval_limit"]], y[:settings["eval_limit"]]
 
     t_start = time.perf_counter()
     rows, files = [], []

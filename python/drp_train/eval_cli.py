@@ -73,7 +73,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--decision", choices=DECISIONS, default=None,
                         help="DRP checkpoints: the decision rule to evaluate, nearest prototype or the "
                              "paper's normalised dot product (default: the checkpoint's, nearest)")
-    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help=f"attack the first N test points; 0: all of them (default: {DEFAULT_LIMIT})")
     parser.add_argument("--all", action="store_true",
                         help="every test point, for the attacks and the certificate (the same as --limit 0)")
@@ -208,10 +208,10 @@ def _prepare(args, device):
         if not eps_list or any(not math.isfinite(e) or e < 0 for e in eps_list):
             raise _cli_error(f"--eps: expected L2 radii >= 0 (numbers or fractions), got "
                              f"{' '.join(f'{e:g}' for e in eps_list)}")
-    if getattr(args, "all", False) and args.limit not in (None, 0, DEFAULT_LIMIT):
+    if getattr(args, "all", False) and args.limit not in (None, 0):
         raise _cli_error(f"--limit {args.limit} with --all: --all attacks every test point")
-    limit = 0 if getattr(args, "all", False) else args.limit
-    if limit is None or limit < 0:
+    limit = 0 if getattr(args, "all", False) else (DEFAULT_LIMIT if args.limit is None else args.limit)
+    if limit < 0:
         raise _cli_error(f"--limit: expected a number of test points >= 1, or 0 for all of them, got {limit}")
     cert_limit = getattr(args, "certify_limit", None)
     if getattr(args, "all", False) and cert_limit not in (None, 0):
@@ -262,12 +262,12 @@ def _prepare(args, device):
             "engine": f"drp_kernels {getattr(drp_kernels, '__version__', '?')}, torch {torch.__version__}",
             "device": torch.device(device).type, "compile": bool(getattr(args, "compile", False))}
     resumed = {}
-    if not resume and args.json is not None and partial_paths(args.json):
+    found = partial_paths(args.json) if args.json is not None else []
+    if not resume and found:
         raise _cli_error(f"--json: partial results of an interrupted evaluation lie beside {args.json} "
-                         f"({os.path.basename(partial_paths(args.json)[0])}): continue it with --resume, or delete "
+                         f"({os.path.basename(found[0])}): continue it with --resume, or delete "
                          "them to start afresh")
     if resume:
-        found = partial_paths(args.json)
         if not found:
             raise _cli_error(f"--resume: no partial file beside {args.json} (expected {args.json}.partial); run "
                              "without --resume to start the evaluation")

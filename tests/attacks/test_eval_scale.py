@@ -290,6 +290,7 @@ def _raise():
     (["--certify-limit", "10"], "--certify-limit"),
     (["--limit", "-3"], "--limit"),
     (["--limit", "5", "--all"], "--limit 5 with --all"),
+    (["--limit", "1000", "--all"], "--limit 1000 with --all"),  # the default's value, given explicitly
 ])
 def test_drp_eval_bad_input_is_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
     base = ["eval", "--checkpoint", CE, "--eps", "0.1", "--limit", "4", "--quiet"]

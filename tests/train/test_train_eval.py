@@ -304,6 +304,7 @@ def test_compare_certified_row_and_recertify_line(tmp_path, capsys):
     doc = json.loads((out / "compare.json").read_text())
     entry = doc["models"]["certified"]
     res = entry["eval"]["results"][0]
+    assert entry["eval"]["n"] == 24 and res["n"] == 24  # --eval-limit, though 1000 points were loaded to re-certify
     assert 0 <= res["certified_accuracy"] <= res["robust_accuracy"] <= entry["eval"]["clean_accuracy"]
     assert cert_rows[1][3] == f"{100 * res['certified_accuracy']:.1f}%"
     assert entry["training"]["network"] == "linf-dist 3 x 128, first layer 256"
