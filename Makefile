@@ -15,13 +15,17 @@ sysdeps:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; \
 	fi
 
+# One interpreter start checks everything (each start imports torch: seconds on 2 cores); only when
+# something is missing do the steps run one by one. torchattacks (the cross-check of tests/attacks)
+# declares torchvision, which it never imports: --no-deps keeps the installed torch and pulls nothing
+# else (scipy, its one other import, is in requirements.txt).
+PYDEPS_IMPORTS := triton, numpy, scipy, ninja, pybind11, tqdm, matplotlib, pytest, pytest_benchmark, hypothesis, ruff
 pydeps:
-	@$(PY) -c "import torch" 2>/dev/null || { echo "[make] torch missing: installing torch==2.13.0"; $(PY) -m pip install torch==2.13.0; }
-	@$(PY) -c "import triton, numpy, scipy, ninja, pybind11, tqdm, matplotlib, pytest, pytest_benchmark, hypothesis, ruff" \
-	  2>/dev/null || $(PY) -m pip install -r requirements.txt
-	@# torchattacks (the cross-check of tests/attacks) declares torchvision, which it never imports: --no-deps
-	@# keeps the installed torch and pulls nothing else (scipy, its one other import, is in requirements.txt)
-	@$(PY) -c "import torchattacks" 2>/dev/null || $(PY) -m pip install --no-deps torchattacks==3.5.1
+	@$(PY) -c "import torch, $(PYDEPS_IMPORTS), torchattacks" 2>/dev/null || { set -e; \
+	  $(PY) -c "import torch" 2>/dev/null || { echo "[make] torch missing: installing torch==2.13.0"; \
+	    $(PY) -m pip install torch==2.13.0; }; \
+	  $(PY) -c "import $(PYDEPS_IMPORTS)" 2>/dev/null || $(PY) -m pip install -r requirements.txt; \
+	  $(PY) -c "import torchattacks" 2>/dev/null || $(PY) -m pip install --no-deps torchattacks==3.5.1; }
 
 deps: sysdeps pydeps
 
