@@ -277,7 +277,7 @@ def test_demo_preset_trains_a_small_certified_net_with_its_own_settings(tmp_path
     ce = compare._train_config(settings, "ce", None).resolved()
     assert (cert.method, cert.model, cert.depth, cert.width, cert.width_first) == ("certified", "linf-dist", 3, 128,
                                                                                    256)
-    assert (cert.epochs, cert.batch_size) == (5, 512) and (ce.epochs, ce.batch_size, ce.model) == (2, 128, "cnn")
+    assert (cert.epochs, cert.batch_size) == (5, 512) and (ce.epochs, ce.batch_size, ce.model) == (1, 128, "cnn")
     assert cert.limit_train == ce.limit_train == 20000
     # an explicit flag applies to every method, the certified one included
     args = cli.build_parser().parse_args(["compare", "--preset", "demo", "--epochs", "1", "--batch-size", "64"])
