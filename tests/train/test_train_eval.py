@@ -277,7 +277,8 @@ def test_demo_preset_trains_a_small_certified_net_with_its_own_settings(tmp_path
     ce = compare._train_config(settings, "ce", None).resolved()
     assert (cert.method, cert.model, cert.depth, cert.width, cert.width_first) == ("certified", "linf-dist", 3, 128,
                                                                                    256)
-    assert (cert.epochs, cert.batch_size) == (5, 512) and (ce.epochs, ce.batch_size, ce.model) == (1, 128, "cnn")
+    assert (cert.epochs, cert.batch_size) == (5, 512) and (ce.epochs, ce.batch_size, ce.model) == (2, 128, "cnn")
+    assert compare._train_config(settings, "pgd-at", None).resolved().epochs == 1
     assert cert.limit_train == ce.limit_train == 20000
     # an explicit flag applies to every method, the certified one included
     args = cli.build_parser().parse_args(["compare", "--preset", "demo", "--epochs", "1", "--batch-size", "64"])
@@ -285,6 +286,10 @@ def test_demo_preset_trains_a_small_certified_net_with_its_own_settings(tmp_path
     s.update(quiet=True, resume=False)
     cert = compare._train_config(s, "certified", None).resolved()
     assert (cert.epochs, cert.batch_size, cert.depth) == (1, 64, 3)
+    args = cli.build_parser().parse_args(["compare", "--preset", "demo", "--epochs", "3"])
+    s = compare.resolve_settings(args)
+    s.update(quiet=True, resume=False)
+    assert compare._train_config(s, "pgd-at", None).resolved().epochs == 3
     assert compare.PRESETS["demo"]["method_settings"]["certified"]["epochs"] == 5  # the preset is untouched
 
 
