@@ -78,7 +78,9 @@ class SweepState:
         self.start_index = torch.zeros(0, dtype=torch.int64)  # warm starts of points between two eps
         self.start_x = None
         self._live = None  # during a sweep: (best points (N, ...), set by an attack (N,)), read by to_dict
-        self.timings = [{} for _ in self.eps_list]  # seconds per stage at each eps, this process only
+        # seconds per stage at each eps, summed over the processes and runs this state went through
+        # (saved with it, so a resumed evaluation reports the time before the interrupt too)
+        self.timings = [{} for _ in self.eps_list]
 
     # -------------------------------------------------------------- shape of the run
     @property
@@ -151,7 +153,8 @@ class SweepState:
         return {"format": _STATE_FORMAT, **self.meta(), "index": self.index.clone(), "correct": self.correct.clone(),
                 "pos": self.pos.clone(), "broken": self.broken.clone(),
                 "start_index": self.start_index.clone() if starts else torch.zeros(0, dtype=torch.int64),
-                "start_x": (self.start_x.clone() if (starts and self.start_x is not None) else None)}
+                "start_x": (self.start_x.clone() if (starts and self.start_x is not None) else None),
+                "timings": [{str(a): float(b) for a, b in t.items()} for t in self.timings]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepState":
@@ -169,6 +172,11 @@ class SweepState:
         st.broken = d["broken"].to(torch.int8).clone()
         st.start_index = d["start_index"].to(torch.int64).clone()
         st.start_x = None if d.get("start_x") is None else d["start_x"].clone()
+        tm = d.get("timings")  # absent from states saved before timings were kept
+        if tm is not None:
+            if not isinstance(tm, list) or len(tm) != k or not all(isinstance(t, dict) for t in tm):
+                raise ValueError(f"sweep state: timings must be a list of {k} dicts (one per eps)")
+            st.timings = [{str(a): float(b) for a, b in t.items()} for t in tm]
         return st
 
     @classmethod

@@ -11,7 +11,8 @@ At scale:
 * with --json, each rank writes its per-point results atomically to a partial file beside
   the JSON after every batch of every stage; `--resume` continues from the partial files
   (whatever world size wrote them) and never attacks a finished point again; Ctrl-C (or
-  SIGTERM) writes the partial file and exits 130 with the command that continues.
+  SIGTERM) writes the partial file and exits 130 with the command that continues; the
+  JSON's eval_time_s and stage timings count the runs before a resume too.
 
 The numbers come from ``evaluation.py`` (the attacks, the certificate, the JSON schema); the partial
 files and the continuing command from ``eval_partial.py``.
@@ -261,7 +262,7 @@ def _prepare(args, device):
             "data_sha256": tensors_sha256(x[:max(n, m)], y[:max(n, m)]),
             "engine": f"drp_kernels {getattr(drp_kernels, '__version__', '?')}, torch {torch.__version__}",
             "device": torch.device(device).type, "compile": bool(getattr(args, "compile", False))}
-    resumed = {}
+    resumed, prior = {}, None
     found = partial_paths(args.json) if args.json is not None else []
     if not resume and found:
         raise _cli_error(f"--json: partial results of an interrupted evaluation lie beside {args.json} "
@@ -271,8 +272,8 @@ def _prepare(args, device):
         if not found:
             raise _cli_error(f"--resume: no partial file beside {args.json} (expected {args.json}.partial); run "
                              "without --resume to start the evaluation")
-        resumed = read_partials(found, meta)
-    return {"path": path, "model": model, "config": config, "suites": suites, "is_proto": is_proto,
+        resumed, prior = read_partials(found, meta)
+    return {"prior": prior, "path": path, "model": model, "config": config, "suites": suites, "is_proto": is_proto,
             "certifiable": certifiable, "x": x, "y": y, "n": n, "m": m, "eps": eps_list, "norm": norm,
             "meta": meta, "resumed": resumed, "device": device}
 
@@ -293,11 +294,19 @@ def _execute(plan, args, info):
         kwargs["batch_size"] = args.batch_size
     # every resumed suite from the start, so that an interrupt before the loop reaches it keeps it
     states = {s: plan["resumed"][s].select(shard) for s in suites if s in plan["resumed"]}
+    prior = plan["prior"]
+    generation = 0 if prior is None else prior["generation"] + 1
+    before = 0.0 if prior is None else prior["elapsed_s"]
+    if prior is not None and info.is_main:  # rank 0 carries the earlier runs' stage times
+        for s, tm in prior["timings"].items():
+            if s in states:
+                states[s].timings = [dict(t) for t in tm]
     t0 = time.perf_counter()
 
     def save(_state=None):
         if my_partial is not None:
-            write_partial(my_partial, plan["meta"], states, info)
+            write_partial(my_partial, plan["meta"], states, info, generation=generation,
+                          elapsed_s=before + time.perf_counter() - t0)
 
     try:
         with TermAsInterrupt():
@@ -321,8 +330,7 @@ def _execute(plan, args, info):
         save()
         raise EvalInterrupted(f"interrupted; the partial results are in {my_partial}: continue with "
                               f"`{continue_command(args, info)}`") from None
-    payload = {"states": {s: states[s].to_dict(starts=False) for s in suites if s in states},
-               "timings": {s: st.timings for s, st in states.items()},
+    payload = {"states": {s: states[s].to_dict(starts=False) for s in suites if s in states},  # timings too
                "cert": cert, "cert_secs": cert_secs, "elapsed": time.perf_counter() - t0}
     everything = ddp.gather_objects(payload, info)
     if not info.is_main:
@@ -347,11 +355,8 @@ def _report(plan, args, info, everything, t0):
             cert[:, r::world] = p["cert"]
     for suite in suites:
         ts = time.perf_counter()
+        # (merge sums the ranks' stage times; rank 0's include the runs before a --resume)
         merged = attacks.SweepState.merge([attacks.SweepState.from_dict(p["states"][suite]) for p in everything])
-        for p in everything:
-            for k, tk in enumerate(p["timings"][suite]):
-                for name, sec in tk.items():
-                    merged.timings[k][name] = merged.timings[k].get(name, 0.0) + sec
         report = attacks.sweep_report(model, x[:n], y[:n], merged, checks=True,
                                       return_points=plan["certifiable"], compile=bool(args.compile))
         work = max(p["elapsed"] for p in everything) + time.perf_counter() - ts
@@ -360,7 +365,8 @@ def _report(plan, args, info, everything, t0):
             secs = [sum(p["cert_secs"][k] for p in everything) for k in range(len(eps_list))]
             add_certified(result, report, cert, suite=suite, cert_time=secs)
         per_suite[suite] = result
-    elapsed = time.perf_counter() - t0
+    # wall time of the evaluation, the runs before a --resume included
+    elapsed = time.perf_counter() - t0 + (plan["prior"]["elapsed_s"] if plan["prior"] else 0.0)
     first = per_suite[suites[0]]
     is_proto = plan["is_proto"]
     out = {

@@ -77,9 +77,15 @@ def _short(v):
 
 
 def read_partials(paths, meta):
-    """{suite: merged SweepState} from the partial files at `paths`; a file that cannot be read or
-    comes from another evaluation is refused (CLIError naming it and what differs)."""
-    states = {}
+    """(states, prior) from the partial files at `paths`: states is {suite: merged SweepState};
+    prior is {"generation", "elapsed_s", "timings": {suite: per-eps stage seconds}}, what the
+    evaluation spent so far. A file that cannot be read or comes from another evaluation is refused
+    (CLIError naming it and what differs).
+
+    Each run of an evaluation is a generation (0, then one more per --resume); rank 0 of a
+    generation carries the earlier ones' time, so the time comes from the newest generation's files
+    only (a resume under another process count leaves the older files beside the new ones)."""
+    states, gens = {}, []
     for path in paths:
         name = os.path.basename(path)
         try:
@@ -94,12 +100,28 @@ def read_partials(paths, meta):
             if theirs != ours:
                 raise _cli_error(f"--resume: {name} is from another {what} ({_short(theirs)} there, {_short(ours)} "
                                  f"here); {fix}, or delete it to start over")
+        gen = {"generation": int(doc.get("generation", 0)), "elapsed_s": float(doc.get("elapsed_s", 0.0)),
+               "states": {}}
         for suite, d in (doc.get("suites") or {}).items():
             try:
-                states.setdefault(suite, []).append(attacks.SweepState.from_dict(d))
+                st = attacks.SweepState.from_dict(d)
             except (ValueError, KeyError, TypeError) as exc:
                 raise _cli_error(f"--resume: {name} holds a broken state of suite {suite}: {_one_line(exc)}; "
                                  "delete it to start over") from None
+            states.setdefault(suite, []).append(st)
+            gen["states"][suite] = st
+        gens.append(gen)
+    newest = max((g["generation"] for g in gens), default=0)
+    prior = {"generation": newest, "elapsed_s": 0.0, "timings": {}}
+    for g in gens:
+        if g["generation"] != newest:
+            continue
+        prior["elapsed_s"] = max(prior["elapsed_s"], g["elapsed_s"])
+        for suite, st in g["states"].items():
+            acc = prior["timings"].setdefault(suite, [{} for _ in st.timings])
+            for k, tk in enumerate(st.timings):
+                for stage, sec in tk.items():
+                    acc[k][stage] = acc[k].get(stage, 0.0) + sec
     out = {}
     for suite, sts in states.items():
         try:
@@ -107,12 +129,15 @@ def read_partials(paths, meta):
         except ValueError as exc:
             raise _cli_error(f"--resume: the partial files disagree: {_one_line(exc)}; delete them to start "
                              "over") from None
-    return out
+    return out, prior
 
 
-def write_partial(path, meta, states, info):
+def write_partial(path, meta, states, info, *, generation=0, elapsed_s=0.0):
+    """This rank's states (rank 0's timings include the earlier generations'); generation: this
+    run's (read_partials); elapsed_s: the evaluation's wall time so far, earlier runs included."""
     doc = {"format": PARTIAL_FORMAT, "meta": meta, "rank": info.rank, "world_size": info.world_size,
-           "suites": {suite: st.to_dict() for suite, st in states.items()}}
+           "suites": {suite: st.to_dict() for suite, st in states.items()}, "generation": int(generation),
+           "elapsed_s": float(elapsed_s)}
     atomic_write(path, lambda f: torch.save(doc, f))
 
 

@@ -228,10 +228,47 @@ def test_drp_eval_ctrl_c_then_resume_gives_the_uninterrupted_json(tmp_path, caps
     assert len(err.strip().splitlines()) == 1 and "--resume" in err and "eval.json.partial" in err, err
     assert evaluation.partial_paths(js) == [str(js) + ".partial"]
     monkeypatch.setattr(evaluation, "write_partial", real)
+    saved = torch.load(str(js) + ".partial", weights_only=True)
     code, out, err = _run(_eval_args(js, "--resume"), capsys)
     assert code == 0, err
     assert _same_report(js, ref)
     assert not evaluation.partial_paths(js)
+    # the report's time counts the run before the interrupt too: its wall time and its stage times
+    doc = json.loads(js.read_text())
+    assert saved["generation"] == 0 and saved["elapsed_s"] > 0
+    assert doc["eval_time_s"] > saved["elapsed_s"]
+    before = saved["suites"]["standard"]["timings"]
+    assert any(before), before
+    for k, tk in enumerate(before):
+        for stage, sec in tk.items():
+            assert doc["timings"][k][stage] >= sec > 0, (k, stage)
+
+
+def test_resume_takes_the_time_so_far_from_the_newest_run_only(tmp_path):
+    """A resume under another process count leaves the older run's files beside the new ones:
+    the time comes from the newest generation (whose rank 0 carries the earlier runs' time)."""
+    import drp_train.eval_partial as P
+    from drp_train.ddp import DistInfo
+
+    meta = {key: "same" for key, *_ in P._META_CHECKS}
+    js = tmp_path / "e.json"
+
+    def state(idx, secs):
+        st = A.SweepState(index=torch.tensor(idx), eps_list=[0.1], suite="quick", norm="linf", seed=0)
+        st.timings = [{"apgd-ce": secs}]
+        return st
+
+    def info(rank, world):
+        return DistInfo(rank=rank, world_size=world, local_rank=rank)
+
+    # generation 0 on 2 ranks: 3 s and 4 s; generation 1 on 1 rank: 7 s before + 2 s of its own
+    P.write_partial(f"{js}.partial.rank0-of-2", meta, {"quick": state([0, 2], 3.0)}, info(0, 2), elapsed_s=5.0)
+    P.write_partial(f"{js}.partial.rank1-of-2", meta, {"quick": state([1, 3], 4.0)}, info(1, 2), elapsed_s=5.5)
+    P.write_partial(f"{js}.partial.rank0-of-1", meta, {"quick": state([0, 1, 2, 3], 9.0)}, info(0, 1),
+                    generation=1, elapsed_s=8.0)
+    states, prior = P.read_partials(P.partial_paths(js), meta)
+    assert prior == {"generation": 1, "elapsed_s": 8.0, "timings": {"quick": [{"apgd-ce": 9.0}]}}
+    assert states["quick"].index.tolist() == [0, 1, 2, 3]
 
 
 def test_drp_eval_resume_refuses_a_partial_file_of_another_run(tmp_path, capsys, tiny_suite, cheap_checks,
