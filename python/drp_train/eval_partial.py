@@ -111,17 +111,6 @@ def read_partials(paths, meta):
             states.setdefault(suite, []).append(st)
             gen["states"][suite] = st
         gens.append(gen)
-    newest = max((g["generation"] for g in gens), default=0)
-    prior = {"generation": newest, "elapsed_s": 0.0, "timings": {}}
-    for g in gens:
-        if g["generation"] != newest:
-            continue
-        prior["elapsed_s"] = max(prior["elapsed_s"], g["elapsed_s"])
-        for suite, st in g["states"].items():
-            acc = prior["timings"].setdefault(suite, [{} for _ in st.timings])
-            for k, tk in enumerate(st.timings):
-                for stage, sec in tk.items():
-                    acc[k][stage] = acc[k].get(stage, 0.0) + sec
     out = {}
     for suite, sts in states.items():
         try:
@@ -129,6 +118,13 @@ def read_partials(paths, meta):
         except ValueError as exc:
             raise _cli_error(f"--resume: the partial files disagree: {_one_line(exc)}; delete them to start "
                              "over") from None
+    newest = max((g["generation"] for g in gens), default=0)
+    latest = [g for g in gens if g["generation"] == newest]
+    prior = {"generation": newest, "elapsed_s": max((g["elapsed_s"] for g in latest), default=0.0), "timings": {}}
+    for suite in {s for g in latest for s in g["states"]}:
+        # merge sums the states' stage times (the files' states agree: checked above)
+        prior["timings"][suite] = attacks.SweepState.merge(
+            [g["states"][suite] for g in latest if suite in g["states"]]).timings
     return out, prior
 
 
