@@ -43,7 +43,7 @@
 // thread: each chunk owns its rows of grad_x and writes its own partial grad_w (N x D), summed at
 // the end, so no B x N x D buffer and no atomics exist.
 //
-// Above p = 32 a sparse scheme runs instead (lp_dist_kernels.h, fwd_sparse_sum / bwd_sparse): only the
+// Above p = 24 a sparse scheme runs instead (lp_dist_kernels.h, fwd_sparse_gated / bwd_sparse): only the
 // terms above 2^-40 of the pair's largest (DRP_LP_DIST_SKIP_BITS, 0 = all of them), in double.
 //
 // SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline) and the
@@ -152,8 +152,8 @@ namespace {
 constexpr int64_t kSerialWork = int64_t(1) << 20;
 // The pre-scaled one-pass scheme is used up to this p (see the file comment).
 constexpr double kSinglePassMaxP = 16.0;
-// Above this p the sparse double-precision scheme runs (lp_dist_kernels.h, fwd_sparse_sum).
-constexpr double kSparseMinP = 32.0;
+// Above this p the sparse double-precision scheme runs (lp_dist_kernels.h, fwd_sparse_gated).
+constexpr double kSparseMinP = 24.0;
 // Up to this p a sparse tile with many terms near its maxima may run the dense float pass: its
 // error, about (p - 1) times float's rounding of d, stays below 1e-6 there (tests/test_lp_dist.py).
 constexpr double kDenseMaxP = 256.0;
@@ -366,7 +366,11 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
     FlushDenormals ftz;
     std::vector<T> tile(RT * NB), tinv(RT * NB), tr(RT * NB);
     std::vector<int64_t> tidx(RT * NB);
-    std::vector<uint32_t> scratch(pl.sparse ? std::max<int64_t>(D, 1) : 0);
+    // the sparse scheme's chunk maxima (nc * RT * NB values), then its lists of (chunk, vector)
+    // pairs and of coordinates
+    const int64_t nc = (D + kSparseChunk - 1) / kSparseChunk;
+    std::vector<uint32_t> scratch(
+        pl.sparse ? nc * RT * NB * int64_t(sizeof(T) / sizeof(uint32_t)) + nc * RT * isa.nv * (kSparseChunk + 1) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / npan, pan = t % npan;
       const int64_t n0 = pan * NB, ncols = std::min<int64_t>(NB, N - n0);
@@ -526,7 +530,7 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   T* pd = parts.data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     FlushDenormals ftz;
-    std::vector<uint32_t> scratch(pl.sparse ? rows * isa.brn : 0);
+    std::vector<uint32_t> scratch(pl.sparse ? rows * (1 + 2 * isa.brn) : 0);
     for (int64_t ch = c0; ch < c1; ++ch)
       isa.bwd(pl, xd, wd, cd, id, td, ch * rows, (ch + 1) * rows, Bp, Np, Dp, gxd, pd + ch * Np * Dp,
               scratch.data());

@@ -538,15 +538,42 @@ __attribute__((noinline)) static void bwd_rows(const T* __restrict__ x, const T*
                                                gx + kb * Bp * L, gw + kb * Np * L, e, q);
 }
 
+// Float exponents up to these run as fixed, fully unrolled chains (one instantiation each): the
+// forward's p (pre-scaled up to 16, two passes up to 32) and the backward's p - 1.
+constexpr int kFixedFwdMax = 32;
+constexpr int kFixedBwdMax = 31;
+
+// One dense backward block (bwd_block) with the power p - 1 = E fixed at compile time, for the
+// sparse scheme's blocks that run densely; false if e is outside [E, EMAX].
+template <typename T, int E>
+__attribute__((noinline)) static void bwd_block_e(const T* xk, const T* wk, const T* cT, const T* iT, int64_t n0,
+                                                  int64_t b0, int64_t b1, int64_t Bp, T* gxk, T* gwk) {
+  bwd_block<T, E, false, (E % 2 == 1), false>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk, E, T(E));
+}
+template <typename T, int E, int EMAX>
+LPD_AI bool bwd_block_fixed(unsigned e, const T* xk, const T* wk, const T* cT, const T* iT, int64_t n0, int64_t b0,
+                            int64_t b1, int64_t Bp, T* gxk, T* gwk) {
+  if constexpr (E > EMAX) {
+    return false;
+  } else {
+    if (e == static_cast<unsigned>(E)) {
+      bwd_block_e<T, E>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk);
+      return true;
+    }
+    return bwd_block_fixed<T, E + 1, EMAX>(e, xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk);
+  }
+}
+
 // ------------------------------------------------------------------ large p: sparse, in double
 // For large p only the coordinates close to a pair's maximum matter: a term with
 // |d| <= thr * max contributes at most thr^(p-1) <= 2^-40 of the largest one (thr = 2^(-40/(p-1)),
 // the caller's thr_abs = thr * max per pair), so the whole sum, and every gradient, is fixed to
 // within D * 2^-40 by the rest. Those few terms are also where float32 is not enough: the rounding
-// of d = x - w (2^-24) is amplified p - 1 times by |d|^(p-1). So both passes below first scan the
-// tile with one float compare per vector, appending (branch-free) every vector with a lane above
-// the threshold to a list, and then compute the listed vectors in double from the exact difference
-// of the inputs (x - w of two floats is exact in double).
+// of d = x - w (2^-24) is amplified p - 1 times by |d|^(p-1). So the kernels below find the terms
+// above the threshold with float compares (the forward from per-chunk maxima saved by its max pass,
+// the backward by a scan appending, branch-free, every vector with a lane above it to a list), and
+// compute just those in double from the exact difference of the inputs (x - w of two floats is exact
+// in double).
 
 // t^e (integer, e >= 0) by square-and-multiply, or t^q lane by lane (non-integer q), t >= 0.
 LPD_AI DN wpow(DN t, unsigned e, double q, bool integer) {
@@ -563,51 +590,120 @@ LPD_AI DN wpow(DN t, unsigned e, double q, bool integer) {
   return r;
 }
 
-// Forward, pass 2 for large p, one R x (NV * L) tile: s[r, c] = sum_k (|d| * inv[r, c])^p over the
-// terms with |d| > thr_abs[r, c], in double. list: scratch for D entries. Returns false, having
-// computed nothing, when more than max_entries steps k hold such a term (then the dense float pass,
-// accurate enough at such p, is cheaper).
+// t[i] = wpow(t[i]) for the n values of a batch, with the chains of square-and-multiply side by side:
+// one value's chain is ~log2(e) dependent multiplies, so alone it waits on latency; n independent
+// chains keep the multipliers busy (the same result as wpow, bit for bit).
+template <int n>
+LPD_AI void wpow_batch(DN (&t)[n], unsigned e, double q, bool integer) {
+  if (!integer) {
+    for (int i = 0; i < n; ++i) t[i] = wpow(t[i], 0, q, false);
+    return;
+  }
+  DN r[n];
+  for (int i = 0; i < n; ++i) r[i] = t[i] * 0.0 + 1.0;
+  while (e) {
+    if (e & 1u)
+      for (int i = 0; i < n; ++i) r[i] = r[i] * t[i];
+    e >>= 1;
+    if (e)
+      for (int i = 0; i < n; ++i) t[i] = t[i] * t[i];
+  }
+  for (int i = 0; i < n; ++i) t[i] = r[i];
+}
+
+// Forward for large p, pass 1: the maxima of one R x (NV * L) tile over each chunk of kKC
+// coordinates, cm[c * ldc + r * NV * L + v * L + lane] (the pair's maximum is the largest of its
+// chunks'). One pass like fwd_max; the chunk maxima let pass 2 skip every chunk of a vector in which
+// no lane can hold a term that matters.
+constexpr int kKC = kSparseChunk;
 template <typename T, int R>
-__attribute__((noinline)) static bool fwd_sparse_sum(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
-                                                     int64_t ldw, int64_t D, const T* __restrict__ inv,
-                                                     const T* __restrict__ thr_abs, double* __restrict__ s, unsigned e,
-                                                     double q, bool integer, int64_t max_entries,
-                                                     uint32_t* __restrict__ list) {
+__attribute__((noinline)) static void fwd_max_chunks(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
+                                                     int64_t ldw, int64_t D, int64_t ldc, T* __restrict__ cm) {
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
-  constexpr int NT = R * NV;
-  constexpr int H = L / DNL;  // native double vectors per T vector
-  V th[NT];
-  for (int i = 0; i < NT; ++i) th[i] = vload<T>(thr_abs + i * L);
-  // the scan: one entry per k where some lane of the tile passes (one mask test per k, branch-free)
-  int64_t cnt = 0;
-  for (int64_t k = 0; k < D; ++k) {
-    const T* wk = wT + k * ldw;
-    V w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = vload<T>(wk + v * L);
-    auto any = vgt<T>(vabs<T>(splat<T>(x[k]) - w[0]), th[0]);
-    for (int r = 0; r < R; ++r) {
-      const V xb = splat<T>(x[r * ldx + k]);
-      for (int v = r == 0 ? 1 : 0; v < NV; ++v) any = mor<T>(any, vgt<T>(vabs<T>(xb - w[v]), th[r * NV + v]));
+  for (int64_t k0 = 0, c = 0; k0 < D; k0 += kKC, ++c) {
+    const int64_t k1 = k0 + kKC < D ? k0 + kKC : D;
+    V acc[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* wk = wT + k * ldw;
+      V w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = vload<T>(wk + v * L);
+      for (int r = 0; r < R; ++r) {
+        const V xb = splat<T>(x[r * ldx + k]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = vmax<T>(vabs<T>(xb - w[v]), acc[r][v]);
+      }
     }
-    list[cnt] = static_cast<uint32_t>(k);
-    cnt += many<T>(any);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) vstore<T>(cm + c * ldc + (r * NV + v) * L, acc[r][v]);
   }
-  if (cnt > max_entries) return false;  // too many terms matter here: the caller runs the dense pass
-  for (int i = 0; i < NT * L; ++i) s[i] = 0.0;
-  for (int64_t i = 0; i < cnt; ++i) {
-    const int64_t k = list[i];
+}
+
+// Forward for large p, pass 2, one tile of NT vectors (rows r = j / NV, vectors v = j % NV):
+// s[j * L + lane] = sum_k (|d| * inv)^p over the terms with |d| > thr_abs, in double. Only the
+// (chunk, vector) pairs whose chunk maximum reaches gate (= thr_abs, or just below it: the float
+// maximum of an exact |d| > thr_abs is >= thr_abs) are visited, and in them only the coordinates
+// where a lane's float |d| exceeds gate. list: scratch for nc * NT * (kKC + 1) entries. Returns false, having
+// computed nothing, when more than max_flagged (chunk, vector) pairs are visited (the caller then
+// runs the dense float pass, cheaper and accurate enough at such p).
+template <typename T, int NT>
+__attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
+                                                       int64_t ldw, int64_t D, const T* __restrict__ cm,
+                                                       const T* __restrict__ inv, const T* __restrict__ thr_abs,
+                                                       const T* __restrict__ gate, double* __restrict__ s, unsigned e,
+                                                       double q, bool integer, int64_t max_flagged,
+                                                       uint32_t* __restrict__ list) {
+  using V = LPD_V;
+  constexpr int L = Vec<T>::L;
+  constexpr int H = L / DNL;  // native double vectors per T vector
+  const int64_t nc = (D + kKC - 1) / kKC;
+  V gv[NT];
+  for (int j = 0; j < NT; ++j) gv[j] = vload<T>(gate + j * L);
+  int64_t cnt = 0;  // branch-free append of every flagged (chunk, vector)
+  for (int64_t c = 0; c < nc; ++c)
     for (int j = 0; j < NT; ++j) {
-      const int r = j / NV, v = j % NV;
-      const DN xd = DN{} + static_cast<double>(x[r * ldx + k]);
+      list[cnt] = static_cast<uint32_t>(c * NT + j);
+      cnt += many<T>(vgt<T>(vload<T>(cm + (c * NT + j) * L), gv[j]));
+    }
+  if (cnt > max_flagged) return false;
+  // the coordinates of the flagged pairs where a lane's float |d| reaches gate, appended branch-free
+  uint32_t* kl = list + nc * NT;
+  int64_t nk = 0;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const int64_t c = list[i] / NT;
+    const int j = static_cast<int>(list[i] % NT);
+    const int r = j / NV, v = j % NV;
+    const int64_t k1 = (c + 1) * kKC < D ? (c + 1) * kKC : D;
+    for (int64_t k = c * kKC; k < k1; ++k) {
+      kl[nk] = static_cast<uint32_t>(k * NT + j);
+      nk += many<T>(vgt<T>(vabs<T>(splat<T>(x[r * ldx + k]) - vload<T>(wT + k * ldw + v * L)), gv[j]));
+    }
+  }
+  // their terms in double, kSB coordinates (kSB * H powers) at a time
+  constexpr int kSB = 8;
+  for (int i = 0; i < NT * L; ++i) s[i] = 0.0;
+  for (int64_t i0 = 0; i0 < nk; i0 += kSB) {
+    DN t[kSB * H];
+    for (int i = 0; i < kSB; ++i) {
+      const bool real = i0 + i < nk;
+      const uint32_t e0 = real ? kl[i0 + i] : kl[i0];
+      const int64_t k = e0 / NT;
+      const int j = static_cast<int>(e0 % NT);
+      const DN xd = DN{} + static_cast<double>(x[(j / NV) * ldx + k]);
       for (int h = 0; h < H; ++h) {
-        const DN d = xd - load_dn<T>(wT + k * ldw + v * L + h * DNL);  // exact: the difference of two floats
+        const DN d = xd - load_dn<T>(wT + k * ldw + (j % NV) * L + h * DNL);  // exact: two floats' difference
         const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
-        const DNI keep = a > load_dn<T>(thr_abs + j * L + h * DNL);
-        if (!any_lane(keep)) continue;
-        const DN t = wpow(a * load_dn<T>(inv + j * L + h * DNL), e, q, integer);
+        const DNI keep = (a > load_dn<T>(thr_abs + j * L + h * DNL)) & (real ? DNI{} - 1 : DNI{});
+        t[i * H + h] = (DN)((DNI)(a * load_dn<T>(inv + j * L + h * DNL)) & keep);
+      }
+    }
+    wpow_batch<kSB * H>(t, e, q, integer);
+    for (int i = 0; i < kSB && i0 + i < nk; ++i) {
+      const int j = static_cast<int>(kl[i0 + i] % NT);
+      for (int h = 0; h < H; ++h) {
         double* sp = s + j * L + h * DNL;
-        vstore<double>(sp, vload<double>(sp) + (DN)((DNI)t & keep));
+        vstore<double>(sp, vload<double>(sp) + t[i * H + h]);
       }
     }
   }
@@ -617,7 +713,7 @@ __attribute__((noinline)) static bool fwd_sparse_sum(const T* __restrict__ x, in
 // Backward for large p, rows [b0, b1) of x: as bwd_rows, but only the terms with
 // |d| > thr_abs[b, n] (given transposed, (Np, Bp), like c and inv), each computed in double. A block
 // (one block of coordinates, BRN rows of w) with more than max_entries rows holding such a term runs
-// the dense float block instead. list: scratch for b1 - b0 entries.
+// the dense float block instead. list: scratch for (b1 - b0) * (1 + 2 * BRN) entries.
 template <typename T>
 __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const T* __restrict__ w,
                                                  const T* __restrict__ cT, const T* __restrict__ iT,
@@ -645,8 +741,12 @@ __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const 
           any = mor<T>(any, vgt<T>(vabs<T>(xv - wv[j]), splat<T>(tT[(n0 + j) * Bp + b])));
         list[cnt] = static_cast<uint32_t>(b);
         cnt += many<T>(any);
+        if (cnt > max_entries) break;  // the dense block runs: the rest of the scan is not needed
       }
       if (cnt > max_entries) {  // too many terms matter: the dense float block is cheaper
+        if constexpr (sizeof(T) == 4) {
+          if (integer && bwd_block_fixed<T, 1, kFixedBwdMax>(e1, xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk)) continue;
+        }
         if (!integer)
           bwd_block<T, kPowReal, false, false, false>(xk, wk, cT, iT, n0, b0, b1, Bp, gxk, gwk, 0, T(q1));
         else if (e1 % 2 == 1)
@@ -657,25 +757,45 @@ __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const 
       }
       double gwa[BRN * L];
       for (int i = 0; i < BRN * L; ++i) gwa[i] = 0.0;
+      // the (row, w row, half) vectors with a term above the threshold, appended branch-free
+      uint32_t* ent = list + (b1 - b0);
+      int64_t ne = 0;
       for (int64_t i = 0; i < cnt; ++i) {
         const int64_t b = list[i];
         for (int j = 0; j < BRN; ++j) {
-          const int64_t n = n0 + j;
-          const double iv = static_cast<double>(iT[n * Bp + b]);
-          const double th = static_cast<double>(tT[n * Bp + b]);
-          const double c = static_cast<double>(cT[n * Bp + b]);
+          const double th = static_cast<double>(tT[(n0 + j) * Bp + b]);
           for (int h = 0; h < H; ++h) {
-            const DN d = load_dn<T>(xk + b * L + h * DNL) - load_dn<T>(wk + n * L + h * DNL);  // exact
-            const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
-            const DNI keep = a > th;
-            if (!any_lane(keep)) continue;
-            const DN t = wpow(a * iv, e1, q1, integer);
-            const DN g = (DN)(((DNI)t & keep) | ((DNI)d & kSign)) * c;
-            T* gp = gxk + b * L + h * DNL;
-            store_dn<T>(gp, load_dn<T>(gp) + g);
-            double* wp = gwa + j * L + h * DNL;
-            vstore<double>(wp, vload<double>(wp) - g);
+            const DN d = load_dn<T>(xk + b * L + h * DNL) - load_dn<T>(wk + (n0 + j) * L + h * DNL);  // exact
+            ent[ne] = static_cast<uint32_t>((i * BRN + j) * H + h);
+            ne += any_lane((DN)((DNI)d & 0x7fffffffffffffffLL) > th);
           }
+        }
+      }
+      // their weights, kSB powers side by side
+      constexpr int kSB = 8;
+      for (int64_t i0 = 0; i0 < ne; i0 += kSB) {
+        DN t[kSB], d[kSB];
+        int64_t bs[kSB];
+        int js[kSB], hs[kSB];
+        for (int i = 0; i < kSB; ++i) {
+          const bool real = i0 + i < ne;
+          const uint32_t e0 = real ? ent[i0 + i] : ent[i0];
+          hs[i] = static_cast<int>(e0 % H);
+          js[i] = static_cast<int>((e0 / H) % BRN);
+          bs[i] = list[e0 / H / BRN];
+          const int64_t n = n0 + js[i];
+          d[i] = load_dn<T>(xk + bs[i] * L + hs[i] * DNL) - load_dn<T>(wk + n * L + hs[i] * DNL);  // exact
+          const DN a = (DN)((DNI)d[i] & 0x7fffffffffffffffLL);
+          const DNI keep = (a > static_cast<double>(tT[n * Bp + bs[i]])) & (real ? DNI{} - 1 : DNI{});
+          t[i] = (DN)((DNI)(a * static_cast<double>(iT[n * Bp + bs[i]])) & keep);
+        }
+        wpow_batch<kSB>(t, e1, q1, integer);
+        for (int i = 0; i < kSB && i0 + i < ne; ++i) {
+          const DN g = (DN)((DNI)t[i] | ((DNI)d[i] & kSign)) * static_cast<double>(cT[(n0 + js[i]) * Bp + bs[i]]);
+          T* gp = gxk + bs[i] * L + hs[i] * DNL;
+          store_dn<T>(gp, load_dn<T>(gp) + g);
+          double* wp = gwa + js[i] * L + hs[i] * DNL;
+          vstore<double>(wp, vload<double>(wp) - g);
         }
       }
       for (int j = 0; j < BRN; ++j)
@@ -720,11 +840,6 @@ static void finish_sparse(int NT, double p, T scale, const T* m, const T* iv, co
 }
 
 // ---------------------------------------------------------------------------- entry points
-// Float exponents up to these run as fixed, fully unrolled chains (one instantiation each): the
-// forward's p (pre-scaled up to 16, two passes up to 32) and the backward's p - 1.
-constexpr int kFixedFwdMax = 32;
-constexpr int kFixedBwdMax = 31;
-
 // fwd_pow_sum with E = e fixed at compile time, for E in [E0, EMAX]; false if e is outside.
 template <typename T, int R, bool SCALED, int E, int EMAX>
 LPD_AI bool pow_sum_fixed(unsigned e, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, const T* inv,
@@ -795,23 +910,38 @@ static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64
   }
   alignas(64) T m[RT * NB];
   alignas(64) T iv[RT * NB];
-  for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, m + rr * NB, nullptr);
   const T big = std::numeric_limits<T>::infinity();
-  for (int i = 0; i < RT * NB; ++i) iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
   if (pl.sparse) {
+    // pass 1: chunk maxima (scratch: nc * RT * NB values of T, then the list of pass 2)
+    constexpr int NT = RT * NV;
+    const int64_t nc = (D + kKC - 1) / kKC;
+    T* cm = reinterpret_cast<T*>(scratch);
+    uint32_t* list = scratch + nc * RT * NB * (sizeof(T) / sizeof(uint32_t));
+    for (int rr = 0; rr < RT; rr += RB) fwd_max_chunks<T, RB>(x + rr * ldx, ldx, wT, ldw, D, RT * NB, cm + rr * NB);
+    for (int j = 0; j < NT; ++j) {
+      LPD_V a = vload<T>(cm + j * Vec<T>::L);
+      for (int64_t c = 1; c < nc; ++c) a = vmax<T>(vload<T>(cm + (c * NT + j) * Vec<T>::L), a);
+      vstore<T>(m + j * Vec<T>::L, a);
+    }
     alignas(64) T th[RT * NB];
+    alignas(64) T gate[RT * NB];
     alignas(64) double sd[RT * NB];
-    for (int i = 0; i < RT * NB; ++i) th[i] = m[i] * static_cast<T>(pl.thr);
-    for (int rr = 0; rr < RT; rr += RBS) {
-      if (fwd_sparse_sum<T, RBS>(x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, th + rr * NB, sd + rr * NB, pl.e,
-                                 pl.p, pl.integer, pl.dense_ok ? D / 4 : D, scratch))
-        continue;
-      pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
-      for (int i = rr * NB; i < (rr + RBS) * NB; ++i) sd[i] = s[i];
+    for (int i = 0; i < RT * NB; ++i) {
+      iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
+      th[i] = m[i] * static_cast<T>(pl.thr);
+      gate[i] = std::nextafter(th[i], T(0));
+    }
+    if (!fwd_sparse_gated<T, NT>(x, ldx, wT, ldw, D, cm, iv, th, gate, sd, pl.e, pl.p, pl.integer,
+                                 pl.dense_ok ? nc * NT / 2 : nc * NT, list)) {
+      for (int rr = 0; rr < RT; rr += RBS)
+        pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
+      for (int i = 0; i < RT * NB; ++i) sd[i] = s[i];
     }
     finish_sparse<T>(RT * NB, pl.p, sc, m, iv, sd, out, inv, r);
     return;
   }
+  for (int rr = 0; rr < RT; rr += RB) fwd_max<T, RB, false>(x + rr * ldx, ldx, wT, ldw, D, m + rr * NB, nullptr);
+  for (int i = 0; i < RT * NB; ++i) iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
   for (int rr = 0; rr < RT; rr += RBS) pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
   finish_tile<T, true>(RT * NB, pl.p, sc, m, s, out, inv, r);
 }

@@ -30,6 +30,9 @@ struct Plan {
   bool dense_ok;   // the sparse scheme may run a tile densely in float (accurate enough up to kDenseMaxP)
 };
 
+// Coordinates per chunk of the sparse scheme's chunk maxima (lp_dist_kernels.h, fwd_max_chunks).
+constexpr int kSparseChunk = 8;
+
 // Pairs whose pre-scaled sum is below this are redone with two passes.
 constexpr double kSingleMinSum = 0x1p-60;
 
