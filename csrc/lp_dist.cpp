@@ -3,7 +3,9 @@
 //
 // Schemas: TORCH_LIBRARY_FRAGMENT(drp, m) (the library itself is defined in drp.cpp).
 //   lp_dist_cpu_forward(x, w, p, stats) -> (out, idx, inv, r)
-//     idx: (B, N) first arg-max k for p = inf with stats, else (0, 0)
+//     idx: (B, N) first arg-max k for p = inf with stats; (B, N, W) int64 for the sparse scheme
+//          (p > 24) with stats: the chunk map (bit c of pair (b, n): chunk c of 8 coordinates may
+//          hold a term that matters; W = ceil(ceil(D / 8) / 64)); else (0, 0)
 //     inv, r: (B, N) for finite p > 1 with stats, else (0, 0): what the backward needs (below)
 //   lp_dist_cpu_backward(grad, x, w, out, idx, inv, r, p, need_x, need_w) -> (grad_x, grad_w)
 // The autograd wiring and the Triton (CUDA) path live in drp_kernels/ops/lp_dist.py.
@@ -45,6 +47,9 @@
 //
 // Above p = 24 a sparse scheme runs instead (lp_dist_kernels.h, fwd_sparse_gated / bwd_sparse): only the
 // terms above 2^-40 of the pair's largest (DRP_LP_DIST_SKIP_BITS, 0 = all of them), in double.
+// With stats its forward also returns which chunks of 8 coordinates of each pair may hold such a
+// term; where at most 1 in 16 chunks of the pairs with a gradient are flagged, the backward visits
+// only those, pair by pair (bwd_pairs), instead of scanning every block.
 //
 // SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline) and the
 // widest copy the CPU supports runs; DRP_CPU_ISA=avx512|avx2|generic forces one. GCC and Clang
@@ -168,6 +173,8 @@ struct Isa {
               uint32_t*);
   void (*bwd)(const Plan&, const T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t,
               int64_t, T*, T*, uint32_t*);
+  void (*bwd_pairs)(const T*, const T*, int64_t, const int64_t*, int64_t, const T*, const T*, const T*, int64_t,
+                    int64_t, int64_t, double*, double*, unsigned, double, bool);
 };
 
 #ifdef LPD_X86_COPIES
@@ -198,7 +205,7 @@ std::string isa_choice() {
 
 
 #define LPD_ISA_OF(NS, T, SUF) \
-  Isa<T> { #NS, NS::Vec<T>::L, NS::kRT, NS::NV, NS::BRB, NS::BRN, &NS::fwd_##SUF, &NS::bwd_##SUF }
+  Isa<T> { #NS, NS::Vec<T>::L, NS::kRT, NS::NV, NS::BRB, NS::BRN, &NS::fwd_##SUF, &NS::bwd_##SUF, &NS::bwdp_##SUF }
 
 template <typename T>
 Isa<T> pick_isa();
@@ -245,6 +252,11 @@ at::ScalarType compute_dtype(const Tensor& x, const Tensor& w) {
   return (x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
+// Whether p runs the sparse scheme (make_plan), and the words of its chunk map per pair: one bit
+// per chunk of kSparseChunk coordinates (drp_kernels/ops/lp_dist.py mirrors both for fake tensors).
+bool sparse_p(double p) { return std::isfinite(p) && p > kSparseMinP; }
+int64_t map_words(int64_t D) { return ((D + kSparseChunk - 1) / kSparseChunk + 63) / 64; }
+
 // The sparse scheme skips the terms below 2^-bits of a pair's largest one: DRP_LP_DIST_SKIP_BITS,
 // default 40; 0 computes every term (the dense reference of the scheme, for tests).
 double skip_bits() {
@@ -265,7 +277,7 @@ Plan make_plan(const Tensor& x, const Tensor& w, double p, bool stats) {
   const bool integer = std::isfinite(p) && p == std::floor(p) && p <= 1.0e6;
   pl.integer = integer;
   if (integer) pl.e = static_cast<unsigned>(p);
-  if (std::isfinite(p) && p > kSparseMinP) {
+  if (sparse_p(p)) {
     pl.sparse = true;
     const double bits = skip_bits();
     pl.thr = bits > 0.0 ? std::exp2(-bits / (p - 1.0)) : 0.0;
@@ -357,6 +369,8 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
   const T* xp = xc.data_ptr<T>();
   const T* wp = wP.data_ptr<T>();
 
+  // words per pair of the sparse scheme's chunk map (what ip holds then), else 1 (the arg-max)
+  const int64_t MW = pl.kind == kInf ? 1 : map_words(D);
   const int64_t MB = RT * std::max<int64_t>(1, 64 / RT);
   const int64_t nbb = (Bp + MB - 1) / MB, npan = Np / NB;
   const int64_t passes = pl.kind == kTwoPass ? 3 : (pl.kind == kSingle ? 2 : 1);
@@ -365,7 +379,7 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
   at::parallel_for(0, nbb * npan, grain, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
     std::vector<T> tile(RT * NB), tinv(RT * NB), tr(RT * NB);
-    std::vector<int64_t> tidx(RT * NB);
+    std::vector<int64_t> tidx(RT * NB * std::max<int64_t>(MW, 1));
     // the sparse scheme's chunk maxima (nc * RT * NB values), then its lists of (chunk, vector)
     // pairs and of coordinates
     const int64_t nc = (D + kSparseChunk - 1) / kSparseChunk;
@@ -378,10 +392,10 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
       for (int64_t b = bb * MB; b < bend && b < B; b += RT) {
         const int64_t nrows = std::min<int64_t>(RT, B - b);
         isa.fwd(pl, xp + b * D, D, wp + pan * D * NB, NB, D, static_cast<int>(nrows), static_cast<int>(ncols), tile.data(),
-                tidx.data(), invp ? tinv.data() : nullptr, invp ? tr.data() : nullptr, scratch.data());
+                ip ? tidx.data() : nullptr, invp ? tinv.data() : nullptr, invp ? tr.data() : nullptr, scratch.data());
         for (int64_t r = 0; r < nrows; ++r) {
           std::memcpy(op + (b + r) * N + n0, tile.data() + r * NB, ncols * sizeof(T));
-          if (ip) std::memcpy(ip + (b + r) * N + n0, tidx.data() + r * NB, ncols * sizeof(int64_t));
+          if (ip) std::memcpy(ip + ((b + r) * N + n0) * MW, tidx.data() + r * NB * MW, ncols * MW * sizeof(int64_t));
           if (invp) {
             std::memcpy(invp + (b + r) * N + n0, tinv.data() + r * NB, ncols * sizeof(T));
             std::memcpy(rp + (b + r) * N + n0, tr.data() + r * NB, ncols * sizeof(T));
@@ -390,7 +404,7 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
       }
     }
   });
-  patch_nan_rows<T>(x, w, op, ip, invp, rp);
+  patch_nan_rows<T>(x, w, op, pl.kind == kInf ? ip : nullptr, invp, rp);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lp_dist_cpu_forward(const Tensor& x, const Tensor& w, double p,
@@ -399,9 +413,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_dist_cpu_forward(const Tensor& x, 
   const auto cd = compute_dtype(x, w);
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
   const bool want_idx = stats && p == INFINITY;
+  const bool want_map = stats && sparse_p(p);
   const bool want_ir = stats && p != INFINITY && p != 1.0;
   Tensor out = at::empty({B, N}, x.options().dtype(cd));
-  Tensor idx = at::empty({want_idx ? B : 0, want_idx ? N : 0}, x.options().dtype(at::kLong));
+  Tensor idx = want_map ? at::empty({B, N, map_words(D)}, x.options().dtype(at::kLong))
+                        : at::empty({want_idx ? B : 0, want_idx ? N : 0}, x.options().dtype(at::kLong));
   Tensor inv = at::empty({want_ir ? B : 0, want_ir ? N : 0}, x.options().dtype(cd));
   Tensor r = at::empty({want_ir ? B : 0, want_ir ? N : 0}, x.options().dtype(cd));
   if (B == 0 || N == 0) return {out, idx, inv, r};
@@ -414,10 +430,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lp_dist_cpu_forward(const Tensor& x, 
   }
   const Plan pl = make_plan(x, w, p, stats);
   if (cd == at::kDouble) {
-    run_forward<double>(x, w, pl, out.data_ptr<double>(), want_idx ? idx.data_ptr<int64_t>() : nullptr,
+    run_forward<double>(x, w, pl, out.data_ptr<double>(), want_idx || want_map ? idx.data_ptr<int64_t>() : nullptr,
                         want_ir ? inv.data_ptr<double>() : nullptr, want_ir ? r.data_ptr<double>() : nullptr);
   } else {
-    run_forward<float>(x, w, pl, out.data_ptr<float>(), want_idx ? idx.data_ptr<int64_t>() : nullptr,
+    run_forward<float>(x, w, pl, out.data_ptr<float>(), want_idx || want_map ? idx.data_ptr<int64_t>() : nullptr,
                        want_ir ? inv.data_ptr<float>() : nullptr, want_ir ? r.data_ptr<float>() : nullptr);
   }
   return {out, idx, inv, r};
@@ -464,50 +480,72 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
   }
 }
 
-// Finite p: one pass with the forward's inv and r (p = 1: sign only, c = grad, NaN where out is not
-// finite).
+
+// The flagged chunks of the pairs with a gradient are few enough (at most 1 in 16) for the pair by
+// pair backward (backward_pairs); else the blocked one is cheaper.
+bool few_chunks(const Tensor& map, const Tensor& c, int64_t D) {
+  const int64_t B = map.size(0), N = map.size(1), W = map.size(2);
+  const int64_t nc = (D + kSparseChunk - 1) / kSparseChunk;
+  const Tensor cc = c.contiguous(), mc = map.contiguous();
+  const int64_t* mp = mc.data_ptr<int64_t>();
+  int64_t flagged = 0;
+  if (cc.scalar_type() == at::kDouble) {
+    const double* cp = cc.data_ptr<double>();
+    for (int64_t i = 0; i < B * N; ++i)
+      if (cp[i] != 0.0)
+        for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
+  } else {
+    const float* cp = cc.data_ptr<float>();
+    for (int64_t i = 0; i < B * N; ++i)
+      if (cp[i] != 0.0f)
+        for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
+  }
+  return flagged * 16 <= B * N * nc;
+}
+
+// The sparse scheme's backward pair by pair from the forward's chunk map (lp_dist_kernels.h,
+// bwd_pairs): rows of x split among the workers, each with its own partial grad_w, in double.
 template <typename T>
-void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& out, const Tensor& inv,
-                     const Tensor& r, double p, Tensor& gx, Tensor& gw) {
-  const Isa<T> isa = pick_isa<T>();
-  const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
-  const int64_t Dp = round_up(D, isa.lanes), Np = round_up(N, isa.brn);
+void backward_pairs(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Tensor& w, const Tensor& map,
+                    const Tensor& c, const Tensor& iv, Tensor& gx, Tensor& gw) {
+  const int64_t B = x.size(0), N = w.size(0), D = x.size(1), W = map.size(2);
+  const int64_t ld = round_up(D, kSparseChunk);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t work = B * N * D * 2;
-  int64_t chunks = work < kSerialWork ? 1 : threads;
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, kPartialBytes / (Np * Dp * int64_t(sizeof(T)))));
-  chunks = std::min<int64_t>(chunks, (B + isa.brb - 1) / isa.brb);
-  const int64_t rows = round_up((B + chunks - 1) / chunks, isa.brb);
-  chunks = (B + rows - 1) / rows;
-  const int64_t Bp = rows * chunks;
-  const Plan pl = make_plan(x, w, p, true);
-  // documented copies: padded x and w in the compute dtype (divided by the forward's scale), k-block
-  // major ((Dp / L, rows, L): the rows of one block of L coordinates are contiguous, so the kernels
-  // read them sequentially), and the per-pair coefficient c = grad * r and scale inv transposed to
-  // (Np, Bp)
+  const auto dopts = x.options().dtype(at::kDouble);
+  // documented copies: x and w row-major, zero-padded to whole chunks; the per-pair threshold
+  // thr * max = thr / inv (never passed where inv is 0), like the blocked backward's
+  const Tensor xr = padded_copy<T>(x, B, ld, pl.scale);
+  const Tensor wr = padded_copy<T>(w, N, ld, pl.scale);
+  const Tensor th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts)).contiguous();
+  const Tensor cc = c.contiguous(), ivc = iv.contiguous(), mc = map.contiguous();
+  int64_t parts_n = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), B);
+  parts_n = std::max<int64_t>(1, std::min<int64_t>(parts_n, kPartialBytes / (N * ld * int64_t(sizeof(double)))));
+  const int64_t rows = (B + parts_n - 1) / parts_n;
+  parts_n = (B + rows - 1) / rows;
+  Tensor gxd = at::zeros({B, ld}, dopts);
+  Tensor parts = at::zeros({parts_n, N, ld}, dopts);
+  const unsigned e1 = pl.e > 0 ? pl.e - 1 : 0;
+  at::parallel_for(0, parts_n, 1, [&](int64_t c0, int64_t c1) {
+    FlushDenormals ftz;
+    for (int64_t ch = c0; ch < c1; ++ch)
+      isa.bwd_pairs(xr.data_ptr<T>(), wr.data_ptr<T>(), ld, mc.data_ptr<int64_t>(), W, cc.data_ptr<T>(),
+                    ivc.data_ptr<T>(), th.data_ptr<T>(), N, ch * rows, std::min<int64_t>(B, (ch + 1) * rows),
+                    gxd.data_ptr<double>(), parts.data_ptr<double>() + ch * N * ld, e1, pl.p - 1.0, pl.integer);
+  });
+  gx = gxd.narrow(1, 0, D).to(opts.dtype());
+  gw = (parts_n == 1 ? parts[0] : parts.sum(0)).narrow(1, 0, D).to(opts.dtype());
+}
+
+// The blocked backward (lp_dist_kernels.h, bwd): rows of x split into chunks of `rows`, each with
+// its own partial grad_w.
+template <typename T>
+void backward_blocks(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Tensor& w, const Tensor& c_ok,
+                     const Tensor& iv, int64_t B, int64_t N, int64_t D, int64_t Bp, int64_t Np, int64_t Dp,
+                     int64_t rows, int64_t chunks, Tensor& gx, Tensor& gw) {
   const int64_t L = isa.lanes;
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   const Tensor xp = padded_copy<T>(x, Bp, Dp, pl.scale).view({Bp, Dp / L, L}).transpose(0, 1).contiguous();
   const Tensor wp = padded_copy<T>(w, Np, Dp, pl.scale).view({Np, Dp / L, L}).transpose(0, 1).contiguous();
-  const Tensor gc = g.to(opts.dtype());
-  Tensor c, iv;
-  if (p == 1.0) {
-    c = at::where(out.isfinite(), gc, at::full({}, NAN, opts));
-    iv = at::zeros({B, N}, opts);
-  } else {
-    c = gc * r.to(opts.dtype());
-    iv = inv.to(opts.dtype());
-  }
-  // pairs with a non-finite coefficient (NaN / infinite distance) give NaN rows, set at the end
-  const Tensor bad = c.isfinite().logical_not();
-  Tensor c_ok = at::where(bad, at::zeros({}, opts), c);
-  // the pre-scaled scheme's kernels assume inv = 1; the pairs its forward redid with two passes
-  // (inv = 1 / max) are added at the end, in double, and left out of the kernels
-  Tensor redo;
-  if (pl.kind == kSingle) {
-    redo = ((iv != 1) & (c_ok != 0)).nonzero();
-    if (redo.size(0) > 0) c_ok = c_ok.index_put({redo.select(1, 0), redo.select(1, 1)}, at::zeros({}, opts));
-  }
   Tensor cT = at::zeros({Np, Bp}, opts);
   cT.narrow(0, 0, N).narrow(1, 0, B).copy_(c_ok.t());
   Tensor iT = at::zeros({Np, Bp}, opts);
@@ -537,6 +575,14 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   });
   gx = gxp.transpose(0, 1).reshape({Bp, Dp}).narrow(0, 0, B).narrow(1, 0, D);
   gw = (chunks == 1 ? parts[0] : parts.sum(0)).transpose(0, 1).reshape({Np, Dp}).narrow(0, 0, N).narrow(1, 0, D);
+}
+
+// The common end of the finite-p backward: the pairs the pre-scaled scheme redid (in double), and
+// NaN rows for the pairs with a non-finite coefficient.
+template <typename T>
+void finish_backward(const Tensor& x, const Tensor& w, const Tensor& c, const Tensor& iv, const Tensor& bad,
+                     const Tensor& redo, const Plan& pl, double p, Tensor& gx, Tensor& gw) {
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   if (redo.defined() && redo.size(0) > 0) {
     const Tensor bi = redo.select(1, 0), ni = redo.select(1, 1);
     const Tensor d = (x.index_select(0, bi).to(at::kDouble) - w.index_select(0, ni).to(at::kDouble)) / pl.scale;
@@ -551,6 +597,55 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
     gw = gw.clone();
     gw.index_put_({bad.any(0)}, NAN);
   }
+}
+
+// Finite p: one pass with the forward's inv and r (p = 1: sign only, c = grad, NaN where out is not
+// finite).
+template <typename T>
+void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& out, const Tensor& map,
+                     const Tensor& inv, const Tensor& r, double p, Tensor& gx, Tensor& gw) {
+  const Isa<T> isa = pick_isa<T>();
+  const int64_t B = x.size(0), N = w.size(0), D = x.size(1);
+  const int64_t Dp = round_up(D, isa.lanes), Np = round_up(N, isa.brn);
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t work = B * N * D * 2;
+  int64_t chunks = work < kSerialWork ? 1 : threads;
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, kPartialBytes / (Np * Dp * int64_t(sizeof(T)))));
+  chunks = std::min<int64_t>(chunks, (B + isa.brb - 1) / isa.brb);
+  const int64_t rows = round_up((B + chunks - 1) / chunks, isa.brb);
+  chunks = (B + rows - 1) / rows;
+  const int64_t Bp = rows * chunks;
+  const Plan pl = make_plan(x, w, p, true);
+  // documented copies: padded x and w in the compute dtype (divided by the forward's scale), k-block
+  // major ((Dp / L, rows, L): the rows of one block of L coordinates are contiguous, so the kernels
+  // read them sequentially), and the per-pair coefficient c = grad * r and scale inv transposed to
+  // (Np, Bp)
+  const Tensor gc = g.to(opts.dtype());
+  Tensor c, iv;
+  if (p == 1.0) {
+    c = at::where(out.isfinite(), gc, at::full({}, NAN, opts));
+    iv = at::zeros({B, N}, opts);
+  } else {
+    c = gc * r.to(opts.dtype());
+    iv = inv.to(opts.dtype());
+  }
+  // pairs with a non-finite coefficient (NaN / infinite distance) give NaN rows, set at the end
+  const Tensor bad = c.isfinite().logical_not();
+  Tensor c_ok = at::where(bad, at::zeros({}, opts), c);
+  // the pre-scaled scheme's kernels assume inv = 1; the pairs its forward redid with two passes
+  // (inv = 1 / max) are added at the end, in double, and left out of the kernels
+  Tensor redo;
+  if (pl.kind == kSingle) {
+    redo = ((iv != 1) & (c_ok != 0)).nonzero();
+    if (redo.size(0) > 0) c_ok = c_ok.index_put({redo.select(1, 0), redo.select(1, 1)}, at::zeros({}, opts));
+  }
+  if (pl.sparse && map.numel() > 0 && few_chunks(map, c_ok, D)) {
+    backward_pairs<T>(isa, pl, x, w, map, c_ok, iv, gx, gw);
+  } else {
+    backward_blocks<T>(isa, pl, x, w, c_ok, iv, B, N, D, Bp, Np, Dp, rows, chunks, gx, gw);
+  }
+  finish_backward<T>(x, w, c, iv, bad, redo, pl, p, gx, gw);
 }
 
 void check_pair_tensor(const Tensor& t, int64_t B, int64_t N, const char* name) {
@@ -572,6 +667,12 @@ std::tuple<Tensor, Tensor> lp_dist_cpu_backward(const Tensor& grad, const Tensor
   } else if (!empty && p != 1.0) {
     check_pair_tensor(inv, B, N, "inv");
     check_pair_tensor(r, B, N, "r");
+    if (sparse_p(p) && idx.numel() > 0)
+      TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong && idx.dim() == 3 && idx.size(0) == B && idx.size(1) == N &&
+                            idx.size(2) == map_words(D),
+                        "drp::lp_dist_cpu_backward: idx must be empty or the forward's chunk map, int64 of shape (",
+                        B, ", ", N, ", ", map_words(D), ") at p = ", p, "; got ", idx.scalar_type(), " of shape ",
+                        idx.sizes());
   }
   const auto cd = compute_dtype(x, w);
   const auto opts = x.options().dtype(cd);
@@ -592,9 +693,9 @@ std::tuple<Tensor, Tensor> lp_dist_cpu_backward(const Tensor& grad, const Tensor
       backward_inf<float>(g, xc, wc, ic, gx, gw, need_x, need_w);
     }
   } else if (cd == at::kDouble) {
-    backward_finite<double>(grad, x, w, out, inv, r, p, gx, gw);
+    backward_finite<double>(grad, x, w, out, idx, inv, r, p, gx, gw);
   } else {
-    backward_finite<float>(grad, x, w, out, inv, r, p, gx, gw);
+    backward_finite<float>(grad, x, w, out, idx, inv, r, p, gx, gw);
   }
   Tensor rx = need_x ? gx.to(x.scalar_type()).contiguous() : at::empty({0}, x.options());
   Tensor rw = need_w ? gw.to(w.scalar_type()).contiguous() : at::empty({0}, w.options());

@@ -154,6 +154,22 @@ template <typename T> LPD_AI bool many(LPD_M m) {
 #endif
 }
 
+// the lanes of a mask as bits (lane i -> bit i)
+template <typename T> LPD_AI unsigned lane_bits(LPD_M m) {
+#if LPD_ISA == 512
+  return static_cast<unsigned>(m);
+#elif LPD_ISA == 256
+  if constexpr (sizeof(T) == 4) return _mm256_movemask_ps((__m256)m); else return _mm256_movemask_pd((__m256d)m);
+#elif LPD_ISA == 128
+  if constexpr (sizeof(T) == 4) return _mm_movemask_ps((__m128)m); else return _mm_movemask_pd((__m128d)m);
+#else
+  const LPD_I mi = (LPD_I)m;
+  unsigned bits = 0;
+  for (int i = 0; i < Vec<T>::L; ++i) bits |= static_cast<unsigned>(mi[i] != 0) << i;
+  return bits;
+#endif
+}
+
 // ------------------------------------------------------------------------------ powers
 // t[i] = t[i]^e for the NT vectors of a tile, e >= 1, by square-and-multiply. With a compile-time
 // e (always_inline, constant propagation) the loops unroll into a fixed chain; with a run-time e
@@ -642,18 +658,19 @@ __attribute__((noinline)) static void fwd_max_chunks(const T* __restrict__ x, in
 
 // Forward for large p, pass 2, one tile of NT vectors (rows r = j / NV, vectors v = j % NV):
 // s[j * L + lane] = sum_k (|d| * inv)^p over the terms with |d| > thr_abs, in double. Only the
-// (chunk, vector) pairs whose chunk maximum reaches gate (= thr_abs, or just below it: the float
-// maximum of an exact |d| > thr_abs is >= thr_abs) are visited, and in them only the coordinates
+// (chunk, vector) pairs whose chunk maximum exceeds gate (just below thr_abs: the float maximum
+// of an exact |d| > thr_abs is >= thr_abs) are visited, and in them only the coordinates
 // where a lane's float |d| exceeds gate. list: scratch for nc * NT * (kKC + 1) entries. Returns false, having
 // computed nothing, when more than max_flagged (chunk, vector) pairs are visited (the caller then
-// runs the dense float pass, cheaper and accurate enough at such p).
+// runs the dense float pass, cheaper and accurate enough at such p). map: null, or the tile's
+// chunk map for the backward (NT * L pairs x W words), written when it returns true.
 template <typename T, int NT>
 __attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, int64_t ldx, const T* __restrict__ wT,
                                                        int64_t ldw, int64_t D, const T* __restrict__ cm,
                                                        const T* __restrict__ inv, const T* __restrict__ thr_abs,
                                                        const T* __restrict__ gate, double* __restrict__ s, unsigned e,
                                                        double q, bool integer, int64_t max_flagged,
-                                                       uint32_t* __restrict__ list) {
+                                                       uint32_t* __restrict__ list, int64_t* __restrict__ map) {
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
   constexpr int H = L / DNL;  // native double vectors per T vector
@@ -667,6 +684,20 @@ __attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, 
       cnt += many<T>(vgt<T>(vload<T>(cm + (c * NT + j) * L), gv[j]));
     }
   if (cnt > max_flagged) return false;
+  if (map) {  // the backward's chunk map: bit c of a pair's word c / 64 set where its chunk c is flagged
+    const int64_t W = (nc + 63) / 64;
+    for (int64_t i = 0; i < NT * L * W; ++i) map[i] = 0;
+    for (int64_t i = 0; i < cnt; ++i) {
+      const int64_t c = list[i] / NT;
+      const int j = static_cast<int>(list[i] % NT);
+      unsigned bits = lane_bits<T>(vgt<T>(vload<T>(cm + (c * NT + j) * L), gv[j]));
+      while (bits) {
+        const int l = __builtin_ctz(bits);
+        bits &= bits - 1;
+        map[(j * L + l) * W + c / 64] |= static_cast<int64_t>(uint64_t(1) << (c % 64));
+      }
+    }
+  }
   // the coordinates of the flagged pairs where a lane's float |d| reaches gate, appended branch-free
   uint32_t* kl = list + nc * NT;
   int64_t nk = 0;
@@ -804,6 +835,68 @@ __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const 
   }
 }
 
+// Backward for large p from the forward's chunk map, rows [b0, b1) of x: for every pair (b, n)
+// with a non-zero coefficient, only the chunks of kKC coordinates its map flags, and in them the
+// terms with |d| > th[b, n], in double, kSB powers side by side. x (B, ld) and w (N, ld) are
+// row-major, zero-padded to whole chunks; map (B, N, W); c, iv, th (B, N). Adds into gx (rows of
+// x, (B, ld), double) and subtracts from gw (N, ld, double, this worker's own partial).
+template <typename T>
+__attribute__((noinline)) static void bwd_pairs(const T* __restrict__ x, const T* __restrict__ w, int64_t ld,
+                                                const int64_t* __restrict__ map, int64_t W, const T* __restrict__ c,
+                                                const T* __restrict__ iv, const T* __restrict__ th, int64_t N,
+                                                int64_t b0, int64_t b1, double* __restrict__ gx,
+                                                double* __restrict__ gw, unsigned e1, double q1, bool integer) {
+  constexpr int HC = kKC / DNL;  // native double vectors per chunk
+  static_assert(kKC % DNL == 0, "a chunk must be whole double vectors");
+  constexpr int64_t kSign = static_cast<int64_t>(0x8000000000000000ULL);
+  constexpr int kSB = 8;
+  DN t[kSB], d[kSB];
+  double cs[kSB];
+  double* gxp[kSB];
+  double* gwp[kSB];
+  for (int i = 0; i < kSB; ++i) t[i] = DN{};
+  int nb = 0;
+  auto flush = [&]() {
+    wpow_batch<kSB>(t, e1, q1, integer);
+    for (int i = 0; i < nb; ++i) {
+      const DN g = (DN)((DNI)t[i] | ((DNI)d[i] & kSign)) * cs[i];
+      vstore<double>(gxp[i], vload<double>(gxp[i]) + g);
+      vstore<double>(gwp[i], vload<double>(gwp[i]) - g);
+    }
+    nb = 0;
+  };
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t pr = b * N + n;
+      const double cc = static_cast<double>(c[pr]);
+      if (cc == 0.0) continue;
+      const double ivd = static_cast<double>(iv[pr]);
+      const double thd = static_cast<double>(th[pr]);
+      for (int64_t wi = 0; wi < W; ++wi) {
+        uint64_t bits = static_cast<uint64_t>(map[pr * W + wi]);
+        while (bits) {
+          const int64_t k0 = (wi * 64 + __builtin_ctzll(bits)) * kKC;
+          if (k0 >= ld) break;  // a dense tile's map flags past the last chunk
+          bits &= bits - 1;
+          for (int h = 0; h < HC; ++h) {
+            const int64_t k = k0 + h * DNL;
+            const DN dd = load_dn<T>(x + b * ld + k) - load_dn<T>(w + n * ld + k);  // exact
+            const DN a = (DN)((DNI)dd & 0x7fffffffffffffffLL);
+            const DNI keep = a > thd;
+            if (!any_lane(keep)) continue;
+            t[nb] = (DN)((DNI)(a * ivd) & keep);
+            d[nb] = dd;
+            cs[nb] = cc;
+            gxp[nb] = gx + b * ld + k;
+            gwp[nb] = gw + n * ld + k;
+            if (++nb == kSB) flush();
+          }
+        }
+      }
+    }
+  if (nb) flush();
+}
+
 // The root step of the sparse scheme (sums in double): out = scale * s^(1/p) / inv (the distance
 // the forward's own inv implies), r = s^((1 - p) / p); edge cases as finish_tile.
 template <typename T>
@@ -876,7 +969,9 @@ constexpr int kRT = RB > RBS ? (RB > RBI ? RB : RBI) : (RBS > RBI ? RBS : RBI); 
 static_assert(kRT % RB == 0 && kRT % RBI == 0 && kRT % RBS == 0, "row tiles must nest");
 
 // One kRT x (NV * L) tile of the forward, every scheme: out/idx/inv/r are kRT x NB row-major;
-// rows/cols: the valid part (the pre-scaled scheme's check ignores the padding).
+// rows/cols: the valid part (the pre-scaled scheme's check ignores the padding). idx: the arg-max
+// (p = inf), or for the sparse scheme the backward's chunk map, kRT x NB x W words (W = ceil(nc /
+// 64)); null when not wanted.
 template <typename T>
 static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64_t ldw, int64_t D, int rows,
                      int cols, T* out, int64_t* idx, T* inv, T* r, uint32_t* scratch) {
@@ -929,14 +1024,19 @@ static void fwd_tile(const Plan& pl, const T* x, int64_t ldx, const T* wT, int64
     for (int i = 0; i < RT * NB; ++i) {
       iv[i] = (m[i] > T(0) && m[i] < big) ? T(1) / m[i] : T(0);
       th[i] = m[i] * static_cast<T>(pl.thr);
-      gate[i] = std::nextafter(th[i], T(0));
+      // a little below th: the float maximum of an exact |d| > th is >= th, and the backward's
+      // threshold (thr / inv) may differ from th by a few ulps
+      gate[i] = th[i] * (T(1) - T(0x1p-20));
     }
-    if (!fwd_sparse_gated<T, NT>(x, ldx, wT, ldw, D, cm, iv, th, gate, sd, pl.e, pl.p, pl.integer,
-                                 pl.dense_ok ? nc * NT / 2 : nc * NT, list)) {
+    const bool sparse = fwd_sparse_gated<T, NT>(x, ldx, wT, ldw, D, cm, iv, th, gate, sd, pl.e, pl.p, pl.integer,
+                                                pl.dense_ok ? nc * NT / 2 : nc * NT, list, idx);
+    if (!sparse) {
       for (int rr = 0; rr < RT; rr += RBS)
         pow_sum<T, RBS, true>(pl, x + rr * ldx, ldx, wT, ldw, D, iv + rr * NB, s + rr * NB);
       for (int i = 0; i < RT * NB; ++i) sd[i] = s[i];
     }
+    if (idx && !sparse)  // a dense tile: its map flags every chunk (bits past the last are ignored)
+      for (int64_t i = 0; i < RT * NB * ((nc + 63) / 64); ++i) idx[i] = -1;
     finish_sparse<T>(RT * NB, pl.p, sc, m, iv, sd, out, inv, r);
     return;
   }
@@ -1009,6 +1109,16 @@ static void fwd_f64(const Plan& pl, const double* x, int64_t ldx, const double* 
 static void bwd_f32(const Plan& pl, const float* x, const float* w, const float* cT, const float* iT, const float* tT,
                     int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, float* gx, float* gw, uint32_t* sc) {
   bwd<float>(pl, x, w, cT, iT, tT, b0, b1, Bp, Np, Dp, gx, gw, sc);
+}
+static void bwdp_f32(const float* x, const float* w, int64_t ld, const int64_t* map, int64_t W, const float* c,
+                     const float* iv, const float* th, int64_t N, int64_t b0, int64_t b1, double* gx, double* gw,
+                     unsigned e1, double q1, bool integer) {
+  bwd_pairs<float>(x, w, ld, map, W, c, iv, th, N, b0, b1, gx, gw, e1, q1, integer);
+}
+static void bwdp_f64(const double* x, const double* w, int64_t ld, const int64_t* map, int64_t W, const double* c,
+                     const double* iv, const double* th, int64_t N, int64_t b0, int64_t b1, double* gx, double* gw,
+                     unsigned e1, double q1, bool integer) {
+  bwd_pairs<double>(x, w, ld, map, W, c, iv, th, N, b0, b1, gx, gw, e1, q1, integer);
 }
 static void bwd_f64(const Plan& pl, const double* x, const double* w, const double* cT, const double* iT,
                     const double* tT, int64_t b0, int64_t b1, int64_t Bp, int64_t Np, int64_t Dp, double* gx,

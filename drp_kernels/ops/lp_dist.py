@@ -172,16 +172,23 @@ def _out_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
-def _stats_shapes(x, w, p, stats):
-    """Shapes of (idx, inv / r) the forward returns."""
+# The C++ forward's sparse scheme (csrc/lp_dist.cpp, sparse_p / map_words): above this p, with
+# stats, its idx is a chunk map of one bit per 8 coordinates, (B, N, W) int64.
+_CPU_SPARSE_MIN_P = 24.0
+
+
+def _stats_shapes(x, w, p, stats, cpu):
+    """Shapes of (idx, inv / r) the forward returns (cpu: the C++ ops, else Triton)."""
     b, n = x.shape[0], w.shape[0]
     idx = (b, n) if stats and p == math.inf else (0, 0)
+    if cpu and stats and _CPU_SPARSE_MIN_P < p < math.inf:
+        idx = (b, n, ((x.shape[1] + 7) // 8 + 63) // 64)
     ir = (b, n) if stats and p != math.inf and p != 1.0 else (0, 0)
     return idx, ir
 
 
-def _fake_forward(x, w, p, stats, stats_dtype):
-    idx_shape, ir_shape = _stats_shapes(x, w, p, stats)
+def _fake_forward(x, w, p, stats, stats_dtype, cpu):
+    idx_shape, ir_shape = _stats_shapes(x, w, p, stats, cpu)
     out = x.new_empty((x.shape[0], w.shape[0]), dtype=_out_dtype(x, w))
     return (out, x.new_empty(idx_shape, dtype=torch.int64), x.new_empty(ir_shape, dtype=stats_dtype),
             x.new_empty(ir_shape, dtype=stats_dtype))
@@ -198,7 +205,7 @@ def lp_dist_op(x: torch.Tensor, w: torch.Tensor, p: float, use_triton: bool,
 
 @lp_dist_op.register_fake
 def _(x, w, p, use_triton, stats):
-    return _fake_forward(x, w, p, stats, torch.float32 if use_triton else _out_dtype(x, w))
+    return _fake_forward(x, w, p, stats, torch.float32 if use_triton else _out_dtype(x, w), not use_triton)
 
 
 @torch.library.custom_op("drp::lp_dist_backward", mutates_args=())
@@ -247,7 +254,7 @@ if _extension.available():
 
     @torch.library.register_fake("drp::lp_dist_cpu_forward")
     def _cpu_forward_fake(x, w, p, stats):
-        return _fake_forward(x, w, p, stats, _out_dtype(x, w))
+        return _fake_forward(x, w, p, stats, _out_dtype(x, w), True)
 
     @torch.library.register_fake("drp::lp_dist_cpu_backward")
     def _cpu_backward_fake(grad, x, w, out, idx, inv, r, p, need_x, need_w):

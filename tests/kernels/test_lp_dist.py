@@ -283,7 +283,7 @@ def test_empty_shapes(name, backend):
 
 # ------------------------------------------------------------ opcheck, torch.compile
 @pytest.mark.parametrize("use_triton", [False, True])
-@pytest.mark.parametrize("p", [1.0, 3.5, INF])
+@pytest.mark.parametrize("p", [1.0, 3.5, 1000.0, INF])
 def test_opcheck(use_triton, p):
     x, w = _inputs(5, 6, 7)
     x.requires_grad_(True)
@@ -293,7 +293,7 @@ def test_opcheck(use_triton, p):
 
 def test_opcheck_cpp_ops():
     x, w = _inputs(5, 6, 7)
-    for p in (1.0, 2.0, 40.0, INF):
+    for p in (1.0, 2.0, 40.0, 1000.0, INF):
         for stats in (False, True):
             torch.library.opcheck(torch.ops.drp.lp_dist_cpu_forward.default, (x, w, p, stats))
         out, idx, inv, r = torch.ops.drp.lp_dist_cpu_forward(x, w, p, True)
@@ -541,6 +541,48 @@ def test_sparse_scheme_agrees_with_every_term(p, backend, monkeypatch):
         monkeypatch.setenv("DRP_LP_DIST_SKIP_BITS", "1")
         coarse = _run(_api, x, w, p)
         assert not torch.allclose(coarse[1], every[1], rtol=1e-3, atol=0), "the skip threshold has no effect"
+
+
+def _popcount(words):
+    """Set bits of an int64 tensor, counted byte by byte."""
+    table = torch.tensor([bin(i).count("1") for i in range(256)])
+    return int(table[words.contiguous().view(torch.uint8).long()].sum())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", [300.0, 1000.0, 1e6])
+def test_sparse_backward_from_the_chunk_map(isa, p, monkeypatch):
+    """Above p = 24 the forward's stats carry a chunk map: per pair, one bit per 8 coordinates that
+    may hold a term that matters ((B, N, W) int64, W words of 64 bits). Where the map flags few
+    chunks, the backward visits only those, pair by pair; it agrees with the blocked backward that
+    scans everything (run when no map is given) and with the float64 truth, on every SIMD copy.
+    D = 520 needs two words per pair."""
+    monkeypatch.setenv("DRP_CPU_ISA", isa)
+    x, w = _identity_like(21, 34, 520, seed=14)
+    out, idx, inv, r = torch.ops.drp.lp_dist_cpu_forward(x, w, p, True)
+    nc = (520 + 7) // 8
+    assert idx.shape == (21, 34, 2) and idx.dtype == torch.int64
+    flagged = _popcount(idx)
+    assert 21 * 34 <= flagged <= 21 * 34 * nc // 16, flagged  # every pair has its maximum; few others
+    g = _upstream(21, 34, torch.float32)
+    gx_m, gw_m = torch.ops.drp.lp_dist_cpu_backward(g, x, w, out, idx, inv, r, p, True, True)
+    none = torch.empty(0, 0, dtype=torch.int64)
+    gx_b, gw_b = torch.ops.drp.lp_dist_cpu_backward(g, x, w, out, none, inv, r, p, True, True)
+    for got, ref in ((gx_m, gx_b), (gw_m, gw_b)):
+        assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
+    truth = _run(_ref, x.double(), w.double(), p)
+    _, rel_gx, rel_gw = _errors((out, gx_m, gw_m), truth)
+    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, (rel_gx, rel_gw)
+
+
+def test_sparse_backward_rejects_a_wrong_chunk_map():
+    x, w = _inputs(4, 5, 20)
+    out, idx, inv, r = torch.ops.drp.lp_dist_cpu_forward(x, w, 100.0, True)
+    assert idx.shape == (4, 5, 1)
+    with pytest.raises(ValueError, match=r"idx must be empty or the forward's chunk map, int64 of shape \(4, 5, 1\)"):
+        torch.ops.drp.lp_dist_cpu_backward(torch.ones_like(out), x, w, out, idx[:, :4], inv, r, 100.0, True, True)
+    with pytest.raises(ValueError, match="chunk map"):
+        torch.ops.drp.lp_dist_cpu_backward(torch.ones_like(out), x, w, out, idx.int(), inv, r, 100.0, True, True)
 
 
 @pytest.mark.parametrize("p", [3.0, 8.0, 16.0])
