@@ -19,7 +19,7 @@ KERNELS = ["fwd_max<float, 2, true>", "fwd_max<float, 4, true>", "fwd_max<float,
            "fwd_pow_sum<float, 2, -1, true, false>", "fwd_pow_sum<float, 4, -1, true, false>",
            "fwd_sparse_sum<float, 2>", "fwd_sparse_sum<float, 4>",
            "fwd_max_chunks<float, 4>", "fwd_sparse_gated<float, 8>", "bwd_block_e<float, 16>",
-           "bwd_block_e<float, 23>",
+           "bwd_block_e<float, 23>", "bwd_pairs<float>",
            "bwd_rows<float, 7, false, true, true>", "bwd_rows<float, 7, false, true, false>",
            "bwd_rows<float, -1, false, true, false>", "bwd_sparse<float>",
            # the kernels of the previous revision (same census on an older build)
