@@ -273,7 +273,9 @@ def _prepare(args, device):
             raise _cli_error(f"--resume: no partial file beside {args.json} (expected {args.json}.partial); run "
                              "without --resume to start the evaluation")
         resumed, prior = read_partials(found, meta)
-    return {"prior": prior, "path": path, "model": model, "config": config, "suites": suites, "is_proto": is_proto,
+    # wall time of the runs before a --resume (0 for a fresh run), counted into every elapsed figure
+    return {"prior": prior, "before_s": 0.0 if prior is None else prior["elapsed_s"], "path": path, "model": model,
+            "config": config, "suites": suites, "is_proto": is_proto,
             "certifiable": certifiable, "x": x, "y": y, "n": n, "m": m, "eps": eps_list, "norm": norm,
             "meta": meta, "resumed": resumed, "device": device}
 
@@ -296,7 +298,7 @@ def _execute(plan, args, info):
     states = {s: plan["resumed"][s].select(shard) for s in suites if s in plan["resumed"]}
     prior = plan["prior"]
     generation = 0 if prior is None else prior["generation"] + 1
-    before = 0.0 if prior is None else prior["elapsed_s"]
+    before = plan["before_s"]
     if prior is not None and info.is_main:  # rank 0 carries the earlier runs' stage times
         for s, tm in prior["timings"].items():
             if s in states:
@@ -366,7 +368,7 @@ def _report(plan, args, info, everything, t0):
             add_certified(result, report, cert, suite=suite, cert_time=secs)
         per_suite[suite] = result
     # wall time of the evaluation, the runs before a --resume included
-    elapsed = time.perf_counter() - t0 + (plan["prior"]["elapsed_s"] if plan["prior"] else 0.0)
+    elapsed = time.perf_counter() - t0 + plan["before_s"]
     first = per_suite[suites[0]]
     is_proto = plan["is_proto"]
     out = {
