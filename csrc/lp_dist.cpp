@@ -255,7 +255,8 @@ at::ScalarType compute_dtype(const Tensor& x, const Tensor& w) {
 // Whether p runs the sparse scheme (make_plan), and the words of its chunk map per pair: one bit
 // per chunk of kSparseChunk coordinates (drp_kernels/ops/lp_dist.py mirrors both for fake tensors).
 bool sparse_p(double p) { return std::isfinite(p) && p > kSparseMinP; }
-int64_t map_words(int64_t D) { return ((D + kSparseChunk - 1) / kSparseChunk + 63) / 64; }
+int64_t sparse_chunks(int64_t D) { return (D + kSparseChunk - 1) / kSparseChunk; }
+int64_t map_words(int64_t D) { return (sparse_chunks(D) + 63) / 64; }
 
 // The sparse scheme skips the terms below 2^-bits of a pair's largest one: DRP_LP_DIST_SKIP_BITS,
 // default 40; 0 computes every term (the dense reference of the scheme, for tests).
@@ -382,7 +383,7 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
     std::vector<int64_t> tidx(RT * NB * std::max<int64_t>(MW, 1));
     // the sparse scheme's chunk maxima (nc * RT * NB values), then its lists of (chunk, vector)
     // pairs and of coordinates
-    const int64_t nc = (D + kSparseChunk - 1) / kSparseChunk;
+    const int64_t nc = sparse_chunks(D);
     std::vector<uint32_t> scratch(
         pl.sparse ? nc * RT * NB * int64_t(sizeof(T) / sizeof(uint32_t)) + nc * RT * isa.nv * (kSparseChunk + 1) : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -483,41 +484,32 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
 
 // The flagged chunks of the pairs with a gradient are few enough (at most 1 in 16) for the pair by
 // pair backward (backward_pairs); else the blocked one is cheaper.
+template <typename T>
 bool few_chunks(const Tensor& map, const Tensor& c, int64_t D) {
   const int64_t B = map.size(0), N = map.size(1), W = map.size(2);
-  const int64_t nc = (D + kSparseChunk - 1) / kSparseChunk;
   const Tensor cc = c.contiguous(), mc = map.contiguous();
   const int64_t* mp = mc.data_ptr<int64_t>();
+  const T* cp = cc.data_ptr<T>();
   int64_t flagged = 0;
-  if (cc.scalar_type() == at::kDouble) {
-    const double* cp = cc.data_ptr<double>();
-    for (int64_t i = 0; i < B * N; ++i)
-      if (cp[i] != 0.0)
-        for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
-  } else {
-    const float* cp = cc.data_ptr<float>();
-    for (int64_t i = 0; i < B * N; ++i)
-      if (cp[i] != 0.0f)
-        for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
-  }
-  return flagged * 16 <= B * N * nc;
+  for (int64_t i = 0; i < B * N; ++i)
+    if (cp[i] != T(0))
+      for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
+  return flagged * 16 <= B * N * sparse_chunks(D);
 }
 
 // The sparse scheme's backward pair by pair from the forward's chunk map (lp_dist_kernels.h,
 // bwd_pairs): rows of x split among the workers, each with its own partial grad_w, in double.
 template <typename T>
 void backward_pairs(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Tensor& w, const Tensor& map,
-                    const Tensor& c, const Tensor& iv, Tensor& gx, Tensor& gw) {
+                    const Tensor& c, const Tensor& iv, const Tensor& th, Tensor& gx, Tensor& gw) {
   const int64_t B = x.size(0), N = w.size(0), D = x.size(1), W = map.size(2);
   const int64_t ld = round_up(D, kSparseChunk);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   const auto dopts = x.options().dtype(at::kDouble);
-  // documented copies: x and w row-major, zero-padded to whole chunks; the per-pair threshold
-  // thr * max = thr / inv (never passed where inv is 0), like the blocked backward's
+  // documented copies: x and w row-major, zero-padded to whole chunks
   const Tensor xr = padded_copy<T>(x, B, ld, pl.scale);
   const Tensor wr = padded_copy<T>(w, N, ld, pl.scale);
-  const Tensor th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts)).contiguous();
-  const Tensor cc = c.contiguous(), ivc = iv.contiguous(), mc = map.contiguous();
+  const Tensor cc = c.contiguous(), ivc = iv.contiguous(), thc = th.contiguous(), mc = map.contiguous();
   int64_t parts_n = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), B);
   parts_n = std::max<int64_t>(1, std::min<int64_t>(parts_n, kPartialBytes / (N * ld * int64_t(sizeof(double)))));
   const int64_t rows = (B + parts_n - 1) / parts_n;
@@ -529,7 +521,7 @@ void backward_pairs(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Te
     FlushDenormals ftz;
     for (int64_t ch = c0; ch < c1; ++ch)
       isa.bwd_pairs(xr.data_ptr<T>(), wr.data_ptr<T>(), ld, mc.data_ptr<int64_t>(), W, cc.data_ptr<T>(),
-                    ivc.data_ptr<T>(), th.data_ptr<T>(), N, ch * rows, std::min<int64_t>(B, (ch + 1) * rows),
+                    ivc.data_ptr<T>(), thc.data_ptr<T>(), N, ch * rows, std::min<int64_t>(B, (ch + 1) * rows),
                     gxd.data_ptr<double>(), parts.data_ptr<double>() + ch * N * ld, e1, pl.p - 1.0, pl.integer);
   });
   gx = gxd.narrow(1, 0, D).to(opts.dtype());
@@ -540,21 +532,23 @@ void backward_pairs(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Te
 // its own partial grad_w.
 template <typename T>
 void backward_blocks(const Isa<T>& isa, const Plan& pl, const Tensor& x, const Tensor& w, const Tensor& c_ok,
-                     const Tensor& iv, int64_t B, int64_t N, int64_t D, int64_t Bp, int64_t Np, int64_t Dp,
+                     const Tensor& iv, const Tensor& th, int64_t B, int64_t N, int64_t D, int64_t Bp, int64_t Np, int64_t Dp,
                      int64_t rows, int64_t chunks, Tensor& gx, Tensor& gw) {
   const int64_t L = isa.lanes;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  // documented copies: padded x and w in the compute dtype (divided by the forward's scale), k-block
+  // major ((Dp / L, rows, L): the rows of one block of L coordinates are contiguous, so the kernels
+  // read them sequentially), and the per-pair coefficient c = grad * r, scale inv and the sparse
+  // scheme's threshold transposed to (Np, Bp)
   const Tensor xp = padded_copy<T>(x, Bp, Dp, pl.scale).view({Bp, Dp / L, L}).transpose(0, 1).contiguous();
   const Tensor wp = padded_copy<T>(w, Np, Dp, pl.scale).view({Np, Dp / L, L}).transpose(0, 1).contiguous();
   Tensor cT = at::zeros({Np, Bp}, opts);
   cT.narrow(0, 0, N).narrow(1, 0, B).copy_(c_ok.t());
   Tensor iT = at::zeros({Np, Bp}, opts);
   iT.narrow(0, 0, N).narrow(1, 0, B).copy_(iv.t());
-  // the sparse scheme's per-pair threshold thr * max = thr / inv (never passed where inv is 0)
   Tensor tT;
   if (pl.sparse) {
     tT = at::full({Np, Bp}, INFINITY, opts);
-    const Tensor th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
     tT.narrow(0, 0, N).narrow(1, 0, B).copy_(th.t());
   }
   Tensor gxp = at::zeros({Dp / L, Bp, L}, opts);
@@ -617,10 +611,6 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   chunks = (B + rows - 1) / rows;
   const int64_t Bp = rows * chunks;
   const Plan pl = make_plan(x, w, p, true);
-  // documented copies: padded x and w in the compute dtype (divided by the forward's scale), k-block
-  // major ((Dp / L, rows, L): the rows of one block of L coordinates are contiguous, so the kernels
-  // read them sequentially), and the per-pair coefficient c = grad * r and scale inv transposed to
-  // (Np, Bp)
   const Tensor gc = g.to(opts.dtype());
   Tensor c, iv;
   if (p == 1.0) {
@@ -640,10 +630,13 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
     redo = ((iv != 1) & (c_ok != 0)).nonzero();
     if (redo.size(0) > 0) c_ok = c_ok.index_put({redo.select(1, 0), redo.select(1, 1)}, at::zeros({}, opts));
   }
-  if (pl.sparse && map.numel() > 0 && few_chunks(map, c_ok, D)) {
-    backward_pairs<T>(isa, pl, x, w, map, c_ok, iv, gx, gw);
+  // the sparse scheme's per-pair threshold thr * max = thr / inv (never passed where inv is 0)
+  Tensor th;
+  if (pl.sparse) th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
+  if (pl.sparse && map.numel() > 0 && few_chunks<T>(map, c_ok, D)) {
+    backward_pairs<T>(isa, pl, x, w, map, c_ok, iv, th, gx, gw);
   } else {
-    backward_blocks<T>(isa, pl, x, w, c_ok, iv, B, N, D, Bp, Np, Dp, rows, chunks, gx, gw);
+    backward_blocks<T>(isa, pl, x, w, c_ok, iv, th, B, N, D, Bp, Np, Dp, rows, chunks, gx, gw);
   }
   finish_backward<T>(x, w, c, iv, bad, redo, pl, p, gx, gw);
 }
