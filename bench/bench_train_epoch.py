@@ -14,7 +14,14 @@ figure). Epoch time = median step time x steps per epoch of the 60000 training i
 * ``certified-reference@p``: the same step with ``lp_dist`` swapped for the pure-PyTorch
   broadcast reference (``drp_kernels.reference.lp_dist``), the plain-PyTorch yardstick.
 
+``--checkpoint RUN`` prices the certified steps with a trained run's weights (fixed: its optimiser
+steps with lr 0) and its depth and widths. A trained net spreads its distance terms more evenly than
+a freshly initialised one, so the sparse scheme of large p finds more terms that matter and a step
+costs more (bench/RESULTS.md).
+
     python bench/bench_train_epoch.py --json bench/results/cpu_train_epoch.json
+    python bench/bench_train_epoch.py --checkpoint results/fashion-mnist/certified --no-reference \
+        --json bench/results/cpu_train_epoch_trained.json
 """
 import argparse
 import contextlib
@@ -43,7 +50,7 @@ def _cfg(method, **kw):
     return TrainConfig(method=method, dataset="fashion-mnist", **kw).resolved()
 
 
-def _setup(cfg, x_all, y_all):
+def _setup(cfg, x_all, y_all, state=None):
     from drp_train.methods import make_method
     from drp_train.models import build_network
     from drp_train.train import make_optimizer
@@ -57,6 +64,10 @@ def _setup(cfg, x_all, y_all):
     method = make_method(cfg, prototypes=proto)
     net = build_network(cfg, output_dim=method.output_dim(10))
     opt = make_optimizer(cfg, net.parameters())
+    if state is not None:  # a trained run's weights, kept fixed: the optimiser steps with lr 0
+        net.load_state_dict(state)
+        for group in opt.param_groups:
+            group["lr"] = 0.0
     bs = cfg.batch_size
     x, y = x_all[:bs].float().div(255.0), y_all[:bs]
     gen = torch.Generator().manual_seed(0)
@@ -100,8 +111,25 @@ def main(argv=None):
     ap.add_argument("--schedule-epochs", type=int, default=None,
                     help="epochs of the p schedule to price (default: drp train's default for certified)")
     ap.add_argument("--schedule-reps", type=int, default=1, help="timed steps per schedule p (after one warm-up)")
+    ap.add_argument("--checkpoint", default=None, metavar="RUN",
+                    help="price the certified steps with this certified run's trained weights (its depth and "
+                         "widths; the weights stay fixed) instead of a freshly initialised 5 x --width net")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    state, run_cfg = None, None
+    if args.checkpoint is not None:
+        from drp_train.checkpoint import config_of, load_checkpoint
+        from drp_train.errors import CheckpointError
+
+        try:
+            data = load_checkpoint(args.checkpoint)
+            run_cfg = config_of(data, args.checkpoint).resolved()
+        except CheckpointError as e:
+            ap.error(f"--checkpoint: {e}")
+        if run_cfg.method != "certified":
+            ap.error(f"--checkpoint: expected a certified run; {args.checkpoint} is a {run_cfg.method!r} run")
+        state = data["model"]
+        args.depth, args.width = run_cfg.depth, run_cfg.width
     from drp_train.data import load_dataset
 
     load_start = list(os.getloadavg())
@@ -110,8 +138,9 @@ def main(argv=None):
     providers, batch = {}, {}
     for name in ("ce", "pgd-at"):
         _net, providers[name], batch[name] = _setup(_cfg(name), x_all, y_all)
-    cert_cfg = _cfg("certified", depth=args.depth, width=args.width)
-    cert_net, cert_step, cert_batch = _setup(cert_cfg, x_all, y_all)
+    widths = {} if run_cfg is None else {"width_first": run_cfg.width_first, "head": run_cfg.head}
+    cert_cfg = _cfg("certified", depth=args.depth, width=args.width, **widths)
+    cert_net, cert_step, cert_batch = _setup(cert_cfg, x_all, y_all, state)
     epochs = args.schedule_epochs or cert_cfg.epochs
     schedule = _schedule(epochs, cert_batch)
     ps = key_ps
@@ -181,7 +210,9 @@ def main(argv=None):
         print(f"step {k}: {v:.2f}")
     if args.json:
         out = {"device": device_name("cpu"), "cpu": cpu_model(), "versions": versions(), "depth": args.depth,
-               "width": args.width, "load_average_start": load_start, "load_average": list(os.getloadavg()),
+               "width": args.width, "width_first": cert_cfg.width_first,
+               "weights": args.checkpoint or "initialised", "load_average_start": load_start,
+               "load_average": list(os.getloadavg()),
                "step_ratios": ratios, "rows": rows}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
