@@ -22,8 +22,9 @@
 //             coefficient c[b, n] and the inverse scale inv[b, n] are given transposed, (Np, Bp).
 //
 // Power modes (template parameter E): E >= 1 a compile-time integer exponent, kPowInt a run-time
-// integer exponent (square-and-multiply over the whole register tile: one well-predicted branch
-// per exponent bit per tile, not per vector), kPowReal a non-integer exponent (exp2(q log2 t)).
+// integer exponent (square-and-multiply over the whole register tile, binary or by windows of two
+// bits, whichever takes fewer multiplies: one well-predicted branch per step per tile, not per
+// vector), kPowReal a non-integer exponent (exp2(q log2 t)).
 // Denormals: the caller runs every worker with FTZ/DAZ set (lp_dist.cpp, FlushDenormals), so a
 // power that leaves the normal range costs nothing and gives 0.
 
@@ -175,7 +176,7 @@ template <typename T> LPD_AI unsigned lane_bits(LPD_M m) {
 // e (always_inline, constant propagation) the loops unroll into a fixed chain; with a run-time e
 // each exponent bit costs one branch for the whole tile, predicted after the first k.
 template <typename T, int NT>
-LPD_AI void tile_ipow(LPD_V (&t)[NT], unsigned e) {
+LPD_AI void tile_ipow_binary(LPD_V (&t)[NT], unsigned e) {
   while (!(e & 1u)) {
     for (int i = 0; i < NT; ++i) t[i] = t[i] * t[i];
     e >>= 1;
@@ -190,6 +191,84 @@ LPD_AI void tile_ipow(LPD_V (&t)[NT], unsigned e) {
     e >>= 1;
   }
   for (int i = 0; i < NT; ++i) t[i] = r[i];
+}
+
+// The multiplies of t^e (e >= 1) by the binary chain above, and by the left-to-right chain with
+// windows of two bits (tile_ipow_window: t^3 made once, every later pair of one bits "11" costs
+// two squarings and one multiply by t^3 instead of two squarings and two multiplies). The window
+// saves multiplies for exponents with runs of one bits: p - 1 = 63 takes 8 instead of 10.
+constexpr int ipow_binary_cost(unsigned e) {
+  int bits = 0, ones = 0;
+  for (unsigned v = e; v; v >>= 1) {
+    ++bits;
+    ones += static_cast<int>(v & 1u);
+  }
+  return bits - 1 + ones - 1;
+}
+constexpr int ipow_window_cost(unsigned e) {
+  int i = 31 - __builtin_clz(e);
+  int cost = 2;  // t^2, t^3
+  i -= (i >= 1 && ((e >> (i - 1)) & 1u)) ? 2 : 1;
+  while (i >= 0) {
+    if (!((e >> i) & 1u)) {
+      cost += 1;
+      i -= 1;
+    } else if (i >= 1 && ((e >> (i - 1)) & 1u)) {
+      cost += 3;
+      i -= 2;
+    } else {
+      cost += 2;
+      i -= 1;
+    }
+  }
+  return cost;
+}
+constexpr bool ipow_use_window(unsigned e) { return e >= 3 && ipow_window_cost(e) < ipow_binary_cost(e); }
+
+// t^e by windows of two bits, from the top: r starts at t^3 ("11") or t ("1"); then a zero bit
+// squares r, a pair "11" raises r to the 4th and multiplies by t^3, a lone one squares and
+// multiplies by t. One branch per step for the whole tile, as in tile_ipow_binary.
+template <typename T, int NT>
+LPD_AI void tile_ipow_window(LPD_V (&t)[NT], unsigned e) {
+  LPD_V t3[NT];
+  LPD_V r[NT];
+  for (int i = 0; i < NT; ++i) t3[i] = t[i] * t[i] * t[i];
+  int i = 31 - __builtin_clz(e);
+  if (i >= 1 && ((e >> (i - 1)) & 1u)) {
+    for (int j = 0; j < NT; ++j) r[j] = t3[j];
+    i -= 2;
+  } else {
+    for (int j = 0; j < NT; ++j) r[j] = t[j];
+    i -= 1;
+  }
+  while (i >= 0) {
+    if (!((e >> i) & 1u)) {
+      for (int j = 0; j < NT; ++j) r[j] = r[j] * r[j];
+      i -= 1;
+    } else if (i >= 1 && ((e >> (i - 1)) & 1u)) {
+      for (int j = 0; j < NT; ++j) {
+        const LPD_V r2 = r[j] * r[j];
+        r[j] = (r2 * r2) * t3[j];
+      }
+      i -= 2;
+    } else {
+      for (int j = 0; j < NT; ++j) r[j] = (r[j] * r[j]) * t[j];
+      i -= 1;
+    }
+  }
+  for (int j = 0; j < NT; ++j) t[j] = r[j];
+}
+
+// A run-time exponent as the kernels pass it to tile_pow: e, with kIpowWindow set where the window
+// chain takes fewer multiplies (decided once per kernel call by ipow_arg, not per tile).
+constexpr unsigned kIpowWindow = 1u << 31;
+constexpr unsigned ipow_arg(unsigned e) { return ipow_use_window(e) ? (e | kIpowWindow) : e; }
+template <typename T, int NT>
+LPD_AI void tile_ipow(LPD_V (&t)[NT], unsigned ea) {
+  if (ea & kIpowWindow)
+    tile_ipow_window<T, NT>(t, ea & ~kIpowWindow);
+  else
+    tile_ipow_binary<T, NT>(t, ea);
 }
 
 // t^q = exp2(q * log2(t)) for float vectors, 0 <= t <= 1, q > 0 (0^q = 0). log(m) on
@@ -247,7 +326,8 @@ static inline LPD_V vpow_real(LPD_V t, T q) {
   }
 }
 
-// The tile's powers by mode: E >= 1 fixed, kPowInt run-time integer e, kPowReal exponent q.
+// The tile's powers by mode: E >= 1 fixed, kPowInt run-time integer e (as ipow_arg gives it),
+// kPowReal exponent q.
 template <typename T, int E, int NT>
 LPD_AI void tile_pow(LPD_V (&t)[NT], unsigned e, T q) {
   if constexpr (E == kPowReal) {
@@ -255,7 +335,10 @@ LPD_AI void tile_pow(LPD_V (&t)[NT], unsigned e, T q) {
   } else if constexpr (E == kPowInt) {
     tile_ipow<T, NT>(t, e);
   } else if constexpr (E > 1) {
-    tile_ipow<T, NT>(t, static_cast<unsigned>(E));
+    if constexpr (ipow_use_window(static_cast<unsigned>(E)))
+      tile_ipow_window<T, NT>(t, static_cast<unsigned>(E));
+    else
+      tile_ipow_binary<T, NT>(t, static_cast<unsigned>(E));
   }
 }
 
@@ -317,6 +400,7 @@ __attribute__((noinline)) static void fwd_pow_sum(const T* __restrict__ x, int64
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
   constexpr int NT = R * NV;
+  if constexpr (E == kPowInt) e = ipow_arg(e);
   V acc[NT];
   V iv[NT];
   for (int i = 0; i < NT; ++i) {
@@ -491,6 +575,7 @@ LPD_AI void bwd_block(const T* __restrict__ xk, const T* __restrict__ wk, const 
   using V = LPD_V;
   constexpr int L = Vec<T>::L;
   constexpr int NT = BRB * BRN;
+  if constexpr (E == kPowInt) e = ipow_arg(e);
   const V one = splat<T>(T(1));
   const V zero = V{};
   V wv[BRN];
@@ -608,11 +693,17 @@ LPD_AI DN wpow(DN t, unsigned e, double q, bool integer) {
 
 // t[i] = wpow(t[i]) for the n values of a batch, with the chains of square-and-multiply side by side:
 // one value's chain is ~log2(e) dependent multiplies, so alone it waits on latency; n independent
-// chains keep the multipliers busy (the same result as wpow, bit for bit).
+// chains keep the multipliers busy. An integer e comes as ipow_arg gives it: flagged, the two-bit
+// window chain of tile_ipow_window runs instead (fewer multiplies, the same accuracy); unflagged,
+// the result is wpow's, bit for bit.
 template <int n>
 LPD_AI void wpow_batch(DN (&t)[n], unsigned e, double q, bool integer) {
   if (!integer) {
     for (int i = 0; i < n; ++i) t[i] = wpow(t[i], 0, q, false);
+    return;
+  }
+  if (e & kIpowWindow) {
+    tile_ipow_window<double, n>(t, e & ~kIpowWindow);
     return;
   }
   DN r[n];
@@ -675,6 +766,7 @@ __attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, 
   constexpr int L = Vec<T>::L;
   constexpr int H = L / DNL;  // native double vectors per T vector
   const int64_t nc = (D + kKC - 1) / kKC;
+  const unsigned ew = integer ? ipow_arg(e) : e;  // the power's chain, picked once
   V gv[NT];
   for (int j = 0; j < NT; ++j) gv[j] = vload<T>(gate + j * L);
   int64_t cnt = 0;  // branch-free append of every flagged (chunk, vector)
@@ -729,7 +821,7 @@ __attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, 
         t[i * H + h] = (DN)((DNI)(a * load_dn<T>(inv + j * L + h * DNL)) & keep);
       }
     }
-    wpow_batch<kSB * H>(t, e, q, integer);
+    wpow_batch<kSB * H>(t, ew, q, integer);
     for (int i = 0; i < kSB && i0 + i < nk; ++i) {
       const int j = static_cast<int>(kl[i0 + i] % NT);
       for (int h = 0; h < H; ++h) {
@@ -756,6 +848,7 @@ __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const 
   constexpr int L = Vec<T>::L;
   constexpr int H = L / DNL;
   constexpr int64_t kSign = static_cast<int64_t>(0x8000000000000000ULL);
+  const unsigned ew = integer ? ipow_arg(e1) : e1;  // the power's chain, picked once
   for (int64_t kb = 0; kb < Dp / L; ++kb) {
     const T* xk = x + kb * Bp * L;
     const T* wk = w + kb * Np * L;
@@ -820,7 +913,7 @@ __attribute__((noinline)) static void bwd_sparse(const T* __restrict__ x, const 
           const DNI keep = (a > static_cast<double>(tT[n * Bp + bs[i]])) & (real ? DNI{} - 1 : DNI{});
           t[i] = (DN)((DNI)(a * static_cast<double>(iT[n * Bp + bs[i]])) & keep);
         }
-        wpow_batch<kSB>(t, e1, q1, integer);
+        wpow_batch<kSB>(t, ew, q1, integer);
         for (int i = 0; i < kSB && i0 + i < ne; ++i) {
           const DN g = (DN)((DNI)t[i] | ((DNI)d[i] & kSign)) * static_cast<double>(cT[(n0 + js[i]) * Bp + bs[i]]);
           T* gp = gxk + bs[i] * L + hs[i] * DNL;
@@ -850,6 +943,7 @@ __attribute__((noinline)) static void bwd_pairs(const T* __restrict__ x, const T
   static_assert(kKC % DNL == 0, "a chunk must be whole double vectors");
   constexpr int64_t kSign = static_cast<int64_t>(0x8000000000000000ULL);
   constexpr int kSB = 8;
+  const unsigned ew = integer ? ipow_arg(e1) : e1;  // the power's chain, picked once
   DN t[kSB], d[kSB];
   double cs[kSB];
   double* gxp[kSB];
@@ -857,7 +951,7 @@ __attribute__((noinline)) static void bwd_pairs(const T* __restrict__ x, const T
   for (int i = 0; i < kSB; ++i) t[i] = DN{};
   int nb = 0;
   auto flush = [&]() {
-    wpow_batch<kSB>(t, e1, q1, integer);
+    wpow_batch<kSB>(t, ew, q1, integer);
     for (int i = 0; i < nb; ++i) {
       const DN g = (DN)((DNI)t[i] | ((DNI)d[i] & kSign)) * cs[i];
       vstore<double>(gxp[i], vload<double>(gxp[i]) + g);

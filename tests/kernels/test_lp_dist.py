@@ -524,6 +524,29 @@ def test_float32_accuracy_targets(isa, p, backend, monkeypatch):
     assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
 
 
+# Exponents whose power chain takes the two-bit window (lp_dist_kernels.h, tile_ipow_window): the
+# forward's p or the backward's p - 1 has pairs of one bits (15, 27, 63, 127, 255; 63 and 255 as a
+# forward p too), fixed at compile time (p <= 32) or at run time. 24 and 48 keep the binary chain.
+WINDOW_PS = [16.0, 24.0, 28.0, 48.0, 63.0, 64.0, 127.0, 128.0, 255.0, 256.0]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("p", WINDOW_PS)
+def test_power_chains_meet_the_accuracy_contract(isa, p, backend, monkeypatch):
+    """The kernels' accuracy contract at the exponents of the two power chains, on every SIMD copy.
+    The Gaussian pairs scaled by 0.3 have many terms near their maximum, so above p = 24 the
+    sparse scheme runs its tiles densely in float (the chains under test), and a chain that
+    computed a wrong power would miss the float64 truth by orders of magnitude."""
+    backend("cpp")
+    monkeypatch.setenv("DRP_CPU_ISA", isa)
+    x, w = _identity_like(37, 53, 130, seed=13)
+    x = x * 0.3
+    truth = _run(_ref, x.double(), w.double(), p)
+    rel_out, rel_gx, rel_gw = _errors(_run(_api, x, w, p), truth)
+    assert rel_out <= 1e-6, f"out: max relative error {rel_out:.3e}"
+    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
+
+
 @pytest.mark.parametrize("p", [25.0, 30.0, 33.0, 64.0, 40.5, 1000.0, 1e6])
 def test_sparse_scheme_agrees_with_every_term(p, backend, monkeypatch):
     """Above p = 24 the kernels skip the terms below 2^-40 of a pair's largest one;
