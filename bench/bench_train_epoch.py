@@ -20,7 +20,7 @@ a freshly initialised one, so the sparse scheme of large p finds more terms that
 costs more (bench/RESULTS.md).
 
     python bench/bench_train_epoch.py --json bench/results/cpu_train_epoch.json
-    python bench/bench_train_epoch.py --checkpoint results/fashion-mnist/certified --no-reference \
+    python bench/bench_train_epoch.py --checkpoint results/fashion-mnist/certified-80ep --no-reference \
         --json bench/results/cpu_train_epoch_trained.json
 """
 import argparse

@@ -509,6 +509,15 @@ def _errors(ker, truth):
     return (rel_out, ((gx - t_gx).norm() / t_gx.norm()).item(), ((gw - t_gw).norm() / t_gw.norm()).item())
 
 
+def _assert_accuracy_contract(x, w, p):
+    """float32 kernels against the float64 reference on the same inputs: out within 1e-6
+    relative (max), each gradient within 1e-5 norm-wise."""
+    truth = _run(_ref, x.double(), w.double(), p)
+    rel_out, rel_gx, rel_gw = _errors(_run(_api, x, w, p), truth)
+    assert rel_out <= 1e-6, f"out: max relative error {rel_out:.3e}"
+    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("p", TARGET_PS)
 def test_float32_accuracy_targets(isa, p, backend, monkeypatch):
@@ -518,10 +527,7 @@ def test_float32_accuracy_targets(isa, p, backend, monkeypatch):
     backend("cpp")
     monkeypatch.setenv("DRP_CPU_ISA", isa)
     x, w = _identity_like(37, 53, 130, seed=11)
-    truth = _run(_ref, x.double(), w.double(), p)
-    rel_out, rel_gx, rel_gw = _errors(_run(_api, x, w, p), truth)
-    assert rel_out <= 1e-6, f"out: max relative error {rel_out:.3e}"
-    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
+    _assert_accuracy_contract(x, w, p)
 
 
 # Exponents whose power chain takes the two-bit window (lp_dist_kernels.h, tile_ipow_window): the
@@ -540,11 +546,7 @@ def test_power_chains_meet_the_accuracy_contract(isa, p, backend, monkeypatch):
     backend("cpp")
     monkeypatch.setenv("DRP_CPU_ISA", isa)
     x, w = _identity_like(37, 53, 130, seed=13)
-    x = x * 0.3
-    truth = _run(_ref, x.double(), w.double(), p)
-    rel_out, rel_gx, rel_gw = _errors(_run(_api, x, w, p), truth)
-    assert rel_out <= 1e-6, f"out: max relative error {rel_out:.3e}"
-    assert rel_gx <= 1e-5 and rel_gw <= 1e-5, f"gradients: {rel_gx:.3e}, {rel_gw:.3e} (norm-wise)"
+    _assert_accuracy_contract(x * 0.3, w, p)
 
 
 @pytest.mark.parametrize("p", [25.0, 30.0, 33.0, 64.0, 40.5, 1000.0, 1e6])
