@@ -49,7 +49,7 @@
 // terms above 2^-40 of the pair's largest (DRP_LP_DIST_SKIP_BITS, 0 = all of them), in double.
 // With stats its forward also returns which chunks of 8 coordinates of each pair may hold such a
 // term; where at most 1 in 16 chunks of the pairs with a gradient are flagged, the backward visits
-// only those, pair by pair (bwd_pairs), instead of scanning every block.
+// only those, pair by pair (bwd_pairs), instead of scanning every block (with AVX-512: at most 1 in 2).
 //
 // SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline) and the
 // widest copy the CPU supports runs; DRP_CPU_ISA=avx512|avx2|generic forces one. GCC and Clang
@@ -387,7 +387,7 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
     // pairs and of coordinates
     const int64_t nc = sparse_chunks(D);
     std::vector<uint32_t> scratch(
-        pl.sparse ? nc * RT * NB * int64_t(sizeof(T) / sizeof(uint32_t)) + nc * RT * isa.nv * (kSparseChunk + 1) : 0);
+        pl.sparse ? nc * RT * NB * int64_t(sizeof(T) / sizeof(uint32_t)) + nc * RT * isa.nv * (2 * kSparseChunk + 1) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bb = t / npan, pan = t % npan;
       const int64_t n0 = pan * NB, ncols = std::min<int64_t>(NB, N - n0);
@@ -484,10 +484,16 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
 }
 
 
-// The flagged chunks of the pairs with a gradient are few enough (at most 1 in 16) for the pair by
-// pair backward (backward_pairs); else the blocked one is cheaper.
+// The flagged chunks of the pairs with a gradient are few enough (at most 1 in `ratio`) for the pair
+// by pair backward (backward_pairs); else the blocked one is cheaper. The crossing depends on the
+// vector width: with AVX-512 a chunk of 8 coordinates is one double vector for bwd_pairs, while
+// the blocked scan still touches every block, so the pairs win up to half the chunks flagged (the
+// trained 5-layer net at p = 1000: its deepest layer's backward 60 -> 32 ms on one Xeon thread, 10-20%
+// of the chunks flagged); with AVX2 or narrower a chunk is two or more vectors and 1 in 16 stays.
+constexpr int64_t kPairsRatioAvx512 = 2;
+constexpr int64_t kPairsRatioNarrow = 16;
 template <typename T>
-bool few_chunks(const Tensor& map, const Tensor& c, int64_t D) {
+bool few_chunks(const Tensor& map, const Tensor& c, int64_t D, int64_t ratio) {
   const int64_t B = map.size(0), N = map.size(1), W = map.size(2);
   const Tensor cc = c.contiguous(), mc = map.contiguous();
   const int64_t* mp = mc.data_ptr<int64_t>();
@@ -496,7 +502,7 @@ bool few_chunks(const Tensor& map, const Tensor& c, int64_t D) {
   for (int64_t i = 0; i < B * N; ++i)
     if (cp[i] != T(0))
       for (int64_t k = 0; k < W; ++k) flagged += __builtin_popcountll(static_cast<uint64_t>(mp[i * W + k]));
-  return flagged * 16 <= B * N * sparse_chunks(D);
+  return flagged * ratio <= B * N * sparse_chunks(D);
 }
 
 // The sparse scheme's backward pair by pair from the forward's chunk map (lp_dist_kernels.h,
@@ -635,7 +641,8 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   // the sparse scheme's per-pair threshold thr * max = thr / inv (never passed where inv is 0)
   Tensor th;
   if (pl.sparse) th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
-  if (pl.sparse && map.numel() > 0 && few_chunks<T>(map, c_ok, D)) {
+  const int64_t ratio = std::strcmp(isa.name, "avx512") == 0 ? kPairsRatioAvx512 : kPairsRatioNarrow;
+  if (pl.sparse && map.numel() > 0 && few_chunks<T>(map, c_ok, D, ratio)) {
     backward_pairs<T>(isa, pl, x, w, map, c_ok, iv, th, gx, gw);
   } else {
     backward_blocks<T>(isa, pl, x, w, c_ok, iv, th, B, N, D, Bp, Np, Dp, rows, chunks, gx, gw);

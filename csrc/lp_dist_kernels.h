@@ -751,7 +751,7 @@ __attribute__((noinline)) static void fwd_max_chunks(const T* __restrict__ x, in
 // s[j * L + lane] = sum_k (|d| * inv)^p over the terms with |d| > thr_abs, in double. Only the
 // (chunk, vector) pairs whose chunk maximum exceeds gate (just below thr_abs: the float maximum
 // of an exact |d| > thr_abs is >= thr_abs) are visited, and in them only the coordinates
-// where a lane's float |d| exceeds gate. list: scratch for nc * NT * (kKC + 1) entries. Returns false, having
+// where a lane's float |d| exceeds gate. list: scratch for nc * NT * (H * kKC + 1) entries. Returns false, having
 // computed nothing, when more than max_flagged (chunk, vector) pairs are visited (the caller then
 // runs the dense float pass, cheaper and accurate enough at such p). map: null, or the tile's
 // chunk map for the backward (NT * L pairs x W words), written when it returns true.
@@ -790,44 +790,48 @@ __attribute__((noinline)) static bool fwd_sparse_gated(const T* __restrict__ x, 
       }
     }
   }
-  // the coordinates of the flagged pairs where a lane's float |d| reaches gate, appended branch-free
+  // the (coordinate, vector, half) triples of the flagged pairs where a lane's float |d| reaches
+  // gate, appended branch-free: one entry per native double vector (half) with such a lane, so a
+  // vector with one term that matters costs one double power, not H
   uint32_t* kl = list + nc * NT;
   int64_t nk = 0;
+  constexpr unsigned kHalf = (1u << DNL) - 1u;
   for (int64_t i = 0; i < cnt; ++i) {
     const int64_t c = list[i] / NT;
     const int j = static_cast<int>(list[i] % NT);
     const int r = j / NV, v = j % NV;
     const int64_t k1 = (c + 1) * kKC < D ? (c + 1) * kKC : D;
     for (int64_t k = c * kKC; k < k1; ++k) {
-      kl[nk] = static_cast<uint32_t>(k * NT + j);
-      nk += many<T>(vgt<T>(vabs<T>(splat<T>(x[r * ldx + k]) - vload<T>(wT + k * ldw + v * L)), gv[j]));
+      const unsigned bits =
+          lane_bits<T>(vgt<T>(vabs<T>(splat<T>(x[r * ldx + k]) - vload<T>(wT + k * ldw + v * L)), gv[j]));
+      for (int h = 0; h < H; ++h) {
+        kl[nk] = static_cast<uint32_t>((k * NT + j) * H + h);
+        nk += ((bits >> (h * DNL)) & kHalf) != 0u;
+      }
     }
   }
-  // their terms in double, kSB coordinates (kSB * H powers) at a time
-  constexpr int kSB = 8;
+  // their terms in double, kSB halves (kSB powers) at a time
+  constexpr int kSB = 16;
   for (int i = 0; i < NT * L; ++i) s[i] = 0.0;
   for (int64_t i0 = 0; i0 < nk; i0 += kSB) {
-    DN t[kSB * H];
+    DN t[kSB];
     for (int i = 0; i < kSB; ++i) {
       const bool real = i0 + i < nk;
       const uint32_t e0 = real ? kl[i0 + i] : kl[i0];
-      const int64_t k = e0 / NT;
-      const int j = static_cast<int>(e0 % NT);
+      const int h = static_cast<int>(e0 % H);
+      const int64_t k = e0 / H / NT;
+      const int j = static_cast<int>((e0 / H) % NT);
       const DN xd = DN{} + static_cast<double>(x[(j / NV) * ldx + k]);
-      for (int h = 0; h < H; ++h) {
-        const DN d = xd - load_dn<T>(wT + k * ldw + (j % NV) * L + h * DNL);  // exact: two floats' difference
-        const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
-        const DNI keep = (a > load_dn<T>(thr_abs + j * L + h * DNL)) & (real ? DNI{} - 1 : DNI{});
-        t[i * H + h] = (DN)((DNI)(a * load_dn<T>(inv + j * L + h * DNL)) & keep);
-      }
+      const DN d = xd - load_dn<T>(wT + k * ldw + (j % NV) * L + h * DNL);  // exact: two floats' difference
+      const DN a = (DN)((DNI)d & 0x7fffffffffffffffLL);
+      const DNI keep = (a > load_dn<T>(thr_abs + j * L + h * DNL)) & (real ? DNI{} - 1 : DNI{});
+      t[i] = (DN)((DNI)(a * load_dn<T>(inv + j * L + h * DNL)) & keep);
     }
-    wpow_batch<kSB * H>(t, ew, q, integer);
+    wpow_batch<kSB>(t, ew, q, integer);
     for (int i = 0; i < kSB && i0 + i < nk; ++i) {
-      const int j = static_cast<int>(kl[i0 + i] % NT);
-      for (int h = 0; h < H; ++h) {
-        double* sp = s + j * L + h * DNL;
-        vstore<double>(sp, vload<double>(sp) + t[i * H + h]);
-      }
+      const uint32_t e0 = kl[i0 + i];
+      double* sp = s + ((e0 / H) % NT) * L + (e0 % H) * DNL;
+      vstore<double>(sp, vload<double>(sp) + t[i]);
     }
   }
   return true;
