@@ -49,7 +49,7 @@
 // terms above 2^-40 of the pair's largest (DRP_LP_DIST_SKIP_BITS, 0 = all of them), in double.
 // With stats its forward also returns which chunks of 8 coordinates of each pair may hold such a
 // term; where at most 1 in 16 chunks of the pairs with a gradient are flagged, the backward visits
-// only those, pair by pair (bwd_pairs), instead of scanning every block (with AVX-512: at most 1 in 2).
+// only those, pair by pair (bwd_pairs), instead of scanning every block (AVX-512 above p = 256: 1 in 2).
 //
 // SIMD: csrc/lp_dist_kernels.h is compiled three times (AVX-512, AVX2 + FMA, baseline) and the
 // widest copy the CPU supports runs; DRP_CPU_ISA=avx512|avx2|generic forces one. GCC and Clang
@@ -489,7 +489,8 @@ void backward_inf(const Tensor& g, const Tensor& xc, const Tensor& wc, const Ten
 // vector width: with AVX-512 a chunk of 8 coordinates is one double vector for bwd_pairs, while
 // the blocked scan still touches every block, so the pairs win up to half the chunks flagged (the
 // trained 5-layer net at p = 1000: its deepest layer's backward 60 -> 32 ms on one Xeon thread, 10-20%
-// of the chunks flagged); with AVX2 or narrower a chunk is two or more vectors and 1 in 16 stays.
+// of the chunks flagged). That holds above kDenseMaxP, where no forward tile runs densely; up to it
+// (and with AVX2 or narrower, where a chunk is two or more vectors) 1 in 16 stays.
 constexpr int64_t kPairsRatioAvx512 = 2;
 constexpr int64_t kPairsRatioNarrow = 16;
 template <typename T>
@@ -641,7 +642,8 @@ void backward_finite(const Tensor& g, const Tensor& x, const Tensor& w, const Te
   // the sparse scheme's per-pair threshold thr * max = thr / inv (never passed where inv is 0)
   Tensor th;
   if (pl.sparse) th = at::where(iv > 0, pl.thr / iv, at::full({}, INFINITY, opts));
-  const int64_t ratio = std::strcmp(isa.name, "avx512") == 0 ? kPairsRatioAvx512 : kPairsRatioNarrow;
+  const int64_t ratio =
+      std::strcmp(isa.name, "avx512") == 0 && !pl.dense_ok ? kPairsRatioAvx512 : kPairsRatioNarrow;
   if (pl.sparse && map.numel() > 0 && few_chunks<T>(map, c_ok, D, ratio)) {
     backward_pairs<T>(isa, pl, x, w, map, c_ok, iv, th, gx, gw);
   } else {
