@@ -384,7 +384,7 @@ void run_forward(const Tensor& x, const Tensor& w, const Plan& pl, T* op, int64_
     std::vector<T> tile(RT * NB), tinv(RT * NB), tr(RT * NB);
     std::vector<int64_t> tidx(RT * NB * std::max<int64_t>(MW, 1));
     // the sparse scheme's chunk maxima (nc * RT * NB values), then its lists of (chunk, vector)
-    // pairs and of coordinates
+    // pairs and of (coordinate, vector, half) entries (at most 2 halves per vector)
     const int64_t nc = sparse_chunks(D);
     std::vector<uint32_t> scratch(
         pl.sparse ? nc * RT * NB * int64_t(sizeof(T) / sizeof(uint32_t)) + nc * RT * isa.nv * (2 * kSparseChunk + 1) : 0);
