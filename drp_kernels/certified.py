@@ -141,6 +141,11 @@ class LinfDistNet(nn.Module):
             layer.p = value
         self._head_p = value
 
+    def set_input_subset(self, q) -> None:
+        """Every hidden layer's ``LpDist.input_subset`` (a training setting; 1 = all inputs)."""
+        for layer in self.layers:
+            layer.input_subset = q
+
     def get_extra_state(self):
         return {"head_p": self._head_p}
 

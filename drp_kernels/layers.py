@@ -11,7 +11,19 @@ from torch import nn
 from ._validate import check_p
 from .functional import lp_dist
 
-__all__ = ["LpDist"]
+
+def check_input_subset(value) -> float:
+    """``input_subset`` as a float in (0, 1], or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"input_subset must be a float in (0, 1], got {type(value).__name__}")
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"input_subset must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+__all__ = ["LpDist", "SUBSET_GROUPS"]
+
+SUBSET_GROUPS = 16  # neuron groups, each with its own random input subset (input_subset < 1)
 
 
 class LpDist(nn.Module):
@@ -32,6 +44,17 @@ class LpDist(nn.Module):
 
     ``p`` is a mutable attribute (validated on assignment) so training can anneal it, e.g. from 8
     to inf.
+
+    Input subsets (SortNet-style, Zhang et al. 2022): with ``input_subset = q < 1`` and the layer in
+    training mode, the neurons are split into ``min(N, SUBSET_GROUPS)`` contiguous groups, and each
+    group sees a random subset of ``round(q * D)`` input coordinates (at least 1), drawn from
+    torch's global generator at every call and shared by the whole batch: the distance runs over
+    those coordinates only, and the other weights get no gradient. With the identity
+    initialisation a group always keeps its neurons' identity coordinates (``n mod D``; more than
+    ``round(q * D)`` columns where the group has more of them) and draws the rest. (SortNet draws
+    a subset per sample; one per group and call keeps each group a single dense ``lp_dist`` call
+    on gathered columns.) In eval mode, and with ``input_subset = 1`` (the default), every input
+    counts. ``input_subset`` is a training setting: it is not saved with the weights.
 
     Lipschitz property: at p = inf every output coordinate ``||x - W[n]||_inf`` is 1-Lipschitz in
     x with respect to the l-inf norm, so ``||f(x) - f(x')||_inf <= ||x - x'||_inf``. Subtracting
@@ -71,6 +94,7 @@ class LpDist(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.p = p
+        self.input_subset = 1.0
         self.mean_shift = bool(mean_shift)
         self.identity_val = None if identity_val is None else float(identity_val)
         self.momentum = float(momentum)
@@ -89,6 +113,14 @@ class LpDist(nn.Module):
     @p.setter
     def p(self, value) -> None:
         self._p = check_p(value)
+
+    @property
+    def input_subset(self) -> float:
+        return self._input_subset
+
+    @input_subset.setter
+    def input_subset(self, value) -> None:
+        self._input_subset = check_input_subset(value)
 
     def get_extra_state(self):
         # p is saved with the weights, so a checkpoint of an annealed (p = inf) layer reloads as one
@@ -115,7 +147,10 @@ class LpDist(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (B, {self.in_features}), got {tuple(x.shape)}")
-        y = lp_dist(x, self.weight, p=self._p)
+        if self.training and self._input_subset < 1.0:
+            y = self._subset_dist(x)
+        else:
+            y = lp_dist(x, self.weight, p=self._p)
         if self.mean_shift:
             if self.training:
                 if y.shape[0] == 0:
@@ -129,6 +164,29 @@ class LpDist(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _subset_dist(self, x: torch.Tensor) -> torch.Tensor:
+        """``lp_dist`` with each neuron group over its own random subset of the inputs."""
+        n, d = self.out_features, self.in_features
+        k = max(1, int(round(self._input_subset * d)))
+        groups = min(n, SUBSET_GROUPS)
+        bounds = [(g * n) // groups for g in range(groups + 1)]
+        outs = []
+        for g in range(groups):
+            cols = torch.randperm(d, device=x.device)[:k]
+            if self.identity_val is not None:
+                # a group keeps its neurons' identity coordinates (n mod D): dropping the one that
+                # dominates a neuron would swap its signal for another, not thin it
+                keep = torch.arange(bounds[g], bounds[g + 1], device=x.device) % d
+                rest = torch.ones(d, dtype=torch.bool, device=x.device)
+                rest[keep] = False
+                pool = rest.nonzero().squeeze(1)
+                extra = max(0, k - int(keep.unique().numel()))
+                cols = torch.cat([keep.unique(), pool[torch.randperm(pool.numel(), device=x.device)[:extra]]])
+            cols = cols.sort().values
+            w = self.weight[bounds[g]:bounds[g + 1]].index_select(1, cols)
+            outs.append(lp_dist(x.index_select(1, cols), w, p=self._p))
+        return torch.cat(outs, dim=1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, p={self._p}, "

@@ -21,6 +21,9 @@ VARIANTS = {
     "eps_train 0.3": ["--eps-train", "0.3"],
     "random crop (padding 1)": ["--crop-padding", "1"],
     "width 768": ["--width", "768"],
+    # the defaults since the first-layer ablation (first layer 2 x width), and input subsets on top
+    "defaults of now (first layer 1024)": [],
+    "first layer 1024 + input subsets q 0.75": ["--input-subset", "0.75"],
 }
 
 

@@ -207,14 +207,16 @@ class Certified(Method):
     ``theta = 2 L eps_train`` and L the network's Lipschitz constant at p = inf, so a point whose
     hinge is zero is certified at eps_train once p = inf. Points with a negative margin get no
     hinge gradient (the clip); the cross-entropy term on ``ce_scale * logits``, weighted by
-    ``ce_weight``, pulls them in. p follows ``p_schedule`` (set before every step).
+    ``ce_weight``, pulls them in. p follows ``p_schedule`` (set before every step); with
+    ``input_subset < 1`` the hidden layers see random input subsets while p < inf (``LpDist``).
     """
 
     name = "certified"
 
     def __init__(self, *, eps: float, eps_train: float, ce_weight: float, ce_final: Optional[float] = None,
-                 p_hold: float = P_HOLD_FRACTION, p_inf: float = P_INF_FRACTION):
+                 p_hold: float = P_HOLD_FRACTION, p_inf: float = P_INF_FRACTION, input_subset: float = 1.0):
         super().__init__(eps=eps)
+        self.input_subset = float(input_subset)
         self.eps_train = float(eps_train)
         self.ce_start = float(ce_weight)
         self.ce_final = self.ce_start if ce_final is None else float(ce_final)
@@ -224,6 +226,8 @@ class Certified(Method):
     def before_step(self, net, step, total):
         p = p_schedule(step, total, hold=self.p_hold, inf=self.p_inf)
         net.set_p(p)
+        if self.input_subset < 1.0:  # subsets while p < inf; the p = inf phase trains on every input
+            net.set_input_subset(self.input_subset if math.isfinite(p) else 1.0)
         self.ce_weight = ce_schedule(p, self.ce_start, self.ce_final)
 
     def loss(self, model, attack_model, x, y, *, generator, autocast):
@@ -255,5 +259,6 @@ def make_method(cfg, *, prototypes: Optional[torch.Tensor] = None) -> Method:
         return TRADES(eps=cfg.eps, steps=cfg.attack_steps, alpha=cfg.attack_alpha, beta=cfg.trades_beta)
     if cfg.method == "certified":
         return Certified(eps=cfg.eps, eps_train=cfg.eps_train, ce_weight=cfg.cert_ce_weight,
-                         ce_final=cfg.cert_ce_final, p_hold=cfg.p_hold, p_inf=cfg.p_inf)
+                         ce_final=cfg.cert_ce_final, p_hold=cfg.p_hold, p_inf=cfg.p_inf,
+                         input_subset=cfg.input_subset)
     raise ValueError(f"method must be one of drp, ce, pgd-at, trades, fast-at, certified, got {cfg.method!r}")

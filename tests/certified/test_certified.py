@@ -295,9 +295,110 @@ def test_recipe_options_are_checked():
                         ({"val_split": -5}, "--val-split"), ({"width_first": 0}, "--width-first"),
                         ({"depth": 1, "width_first": 1024}, "--width-first 1024 with --depth 1"),
                         ({"cert_ce_final": 0.0}, "--cert-ce-final and --cert-ce-weight must both be 0"),
-                        ({"cert_ce_final": -1.0}, "--cert-ce-final")):
+                        ({"cert_ce_final": -1.0}, "--cert-ce-final"),
+                        ({"input_subset": 0.0}, r"--input-subset must be a number in \(0, 1\], got 0.0"),
+                        ({"input_subset": 1.5}, "--input-subset"), ({"input_subset": True}, "--input-subset"),
+                        ({"input_subset": "0.5"}, "--input-subset")):
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(method="certified", **kwargs).resolved()
+    with pytest.raises(ConfigError, match="--input-subset 0.75 needs --method certified"):
+        TrainConfig(method="pgd-at", input_subset=0.75).resolved()
+
+
+def _subset_expected(layer, x, seed):
+    # the same draws as LpDist._subset_dist, replayed from the same generator state: the contiguous
+    # neuron groups, each over its own sorted column subset, by the float64 reference
+    from drp_kernels.layers import SUBSET_GROUPS
+    from drp_kernels.reference import lp_dist as ref
+
+    n, d = layer.out_features, layer.in_features
+    k = max(1, round(layer.input_subset * d))
+    groups = min(n, SUBSET_GROUPS)
+    torch.manual_seed(seed)
+    out, masks = [], []
+    for g in range(groups):
+        cols = torch.randperm(d)[:k].sort().values
+        rows = slice((g * n) // groups, ((g + 1) * n) // groups)
+        out.append(ref(x.double()[:, cols], layer.weight.double()[rows][:, cols], p=layer.p))
+        mask = torch.zeros(rows.stop - rows.start, d, dtype=torch.bool)
+        mask[:, cols] = True
+        masks.append(mask)
+    return torch.cat(out, 1), torch.cat(masks, 0)
+
+
+@pytest.mark.parametrize("p", [8.0, 64.0, math.inf])
+@pytest.mark.parametrize("n,d,q", [(40, 37, 0.75), (5, 9, 0.5), (20, 3, 0.1)])
+def test_input_subsets_run_each_group_over_its_drawn_columns(p, n, d, q):
+    from drp_kernels.layers import LpDist
+
+    torch.manual_seed(1)
+    layer = LpDist(d, n, p=p, mean_shift=False, identity_val=None)
+    layer.input_subset = q
+    x = torch.randn(6, d)
+    expect, mask = _subset_expected(layer, x, seed=123)
+    torch.manual_seed(123)
+    y = layer(x)
+    assert torch.allclose(y.double(), expect, rtol=1e-5, atol=1e-6)
+    assert mask.sum(1).eq(max(1, round(q * d))).all()
+    # columns a group did not draw get no gradient; the drawn ones do
+    y.sum().backward()
+    assert layer.weight.grad[~mask].abs().max() == 0
+    assert layer.weight.grad[mask].ne(0).any()
+    # eval mode and input_subset = 1 use every input
+    layer.eval()
+    full = drp_kernels.lp_dist(x, layer.weight.detach(), p=p)
+    assert torch.equal(layer(x).detach(), full)
+    layer.train()
+    layer.input_subset = 1.0
+    assert torch.equal(layer(x).detach(), full)
+
+
+@pytest.mark.parametrize("n,d,q", [(64, 48, 0.75), (1024, 784, 0.75), (20, 30, 0.1)])
+def test_input_subsets_keep_the_identity_coordinates(n, d, q):
+    from drp_kernels.layers import SUBSET_GROUPS, LpDist
+
+    torch.manual_seed(2)
+    layer = LpDist(d, n, p=8.0, mean_shift=False)  # identity init: neuron j's weight on j mod d is -10
+    layer.input_subset = q
+    layer(torch.rand(3, d)).sum().backward()
+    drawn = layer.weight.grad != 0  # the columns each neuron's distance ran over
+    groups = min(n, SUBSET_GROUPS)
+    k = max(1, round(q * d))
+    for g in range(groups):
+        rows = torch.arange((g * n) // groups, ((g + 1) * n) // groups)
+        assert drawn[rows, rows % d].all(), "a neuron lost its identity coordinate"
+        cols = drawn[rows].any(0)
+        assert (drawn[rows] == cols).all()  # one subset per group
+        assert int(cols.sum()) == max(k, len(set((rows % d).tolist())))
+
+
+def test_input_subsets_are_checked_and_not_saved():
+    from drp_kernels.layers import LpDist
+
+    layer = LpDist(4, 8)
+    for bad, err in ((0.0, ValueError), (1.01, ValueError), (float("nan"), ValueError), (True, TypeError),
+                     ("0.5", TypeError)):
+        with pytest.raises(err, match="input_subset"):
+            layer.input_subset = bad
+    assert layer.input_subset == 1.0  # a refused value changes nothing
+    net = LinfDistNet(12, 3, depth=2, width=8)
+    net.set_input_subset(0.5)
+    assert all(layer.input_subset == 0.5 for layer in net.layers)
+    fresh = LinfDistNet(12, 3, depth=2, width=8)
+    fresh.load_state_dict(net.state_dict())
+    assert all(layer.input_subset == 1.0 for layer in fresh.layers)
+
+
+def test_certified_method_uses_subsets_only_while_p_is_finite():
+    net = LinfDistNet(12, 3, depth=2, width=8)
+    method = Certified(eps=0.1, eps_train=0.2, ce_weight=0.05, p_hold=0.2, p_inf=0.3, input_subset=0.75)
+    method.before_step(net, 0, 10)
+    assert net.p == 8.0 and all(layer.input_subset == 0.75 for layer in net.layers)
+    method.before_step(net, 9, 10)
+    assert net.p == math.inf and all(layer.input_subset == 1.0 for layer in net.layers)
+    plain = Certified(eps=0.1, eps_train=0.2, ce_weight=0.05)
+    plain.before_step(net, 0, 10)
+    assert all(layer.input_subset == 1.0 for layer in net.layers)
 
 
 def test_certified_config_defaults_and_checks():

@@ -324,6 +324,18 @@ def test_presets_and_compare_settings_derive_from_trainconfig():
         _preset(bogus=1)
 
 
+def test_certified_preset_is_the_committed_headline_recipe():
+    # `drp train --preset certified-fmnist` reproduces results/fashion-mnist/certified: every option
+    # of its config.json but the run's own bookkeeping (output folder, checkpoint cadence, progress)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "results", "fashion-mnist", "certified", "config.json")) as f:
+        committed = json.load(f)
+    preset = apply_preset("certified-fmnist", {}).resolved().to_dict()
+    own = {"out", "checkpoint_every", "quiet", "resume", "preset", "data_dir", "device"}
+    differ = {k: (preset[k], committed[k]) for k in committed if k not in own and preset[k] != committed[k]}
+    assert not differ
+
+
 def test_drp_defaults_use_bounded_prototypes():
     r = TrainConfig().resolved()
     assert (r.method, r.metric, r.proto_method) == ("drp", "linf", "box")
