@@ -173,16 +173,16 @@ class LpDist(nn.Module):
         bounds = [(g * n) // groups for g in range(groups + 1)]
         outs = []
         for g in range(groups):
-            cols = torch.randperm(d, device=x.device)[:k]
+            cols = torch.randperm(d, device=x.device)[:k]  # drawn on both paths: the committed ablation's stream
             if self.identity_val is not None:
                 # a group keeps its neurons' identity coordinates (n mod D): dropping the one that
                 # dominates a neuron would swap its signal for another, not thin it
-                keep = torch.arange(bounds[g], bounds[g + 1], device=x.device) % d
+                keep = (torch.arange(bounds[g], bounds[g + 1], device=x.device) % d).unique()
                 rest = torch.ones(d, dtype=torch.bool, device=x.device)
                 rest[keep] = False
                 pool = rest.nonzero().squeeze(1)
-                extra = max(0, k - int(keep.unique().numel()))
-                cols = torch.cat([keep.unique(), pool[torch.randperm(pool.numel(), device=x.device)[:extra]]])
+                extra = max(0, k - keep.numel())
+                cols = torch.cat([keep, pool[torch.randperm(pool.numel(), device=x.device)[:extra]]])
             cols = cols.sort().values
             w = self.weight[bounds[g]:bounds[g + 1]].index_select(1, cols)
             outs.append(lp_dist(x.index_select(1, cols), w, p=self._p))

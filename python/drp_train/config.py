@@ -167,9 +167,7 @@ class TrainConfig:
         _float_range("--p-inf", self.p_inf, low=0.0, high=1.0)
         if self.p_hold + self.p_inf > 1.0:
             raise ConfigError(f"--p-hold {self.p_hold} plus --p-inf {self.p_inf} exceed 1 (fractions of the steps)")
-        if (isinstance(self.input_subset, bool) or not isinstance(self.input_subset, (int, float))
-                or not 0.0 < self.input_subset <= 1.0):
-            raise ConfigError(f"--input-subset must be a number in (0, 1], got {self.input_subset!r}")
+        _float_range("--input-subset", self.input_subset, low=0.0, high=1.0, low_open=True)
         if self.input_subset < 1.0 and self.method != "certified":
             raise ConfigError(f"--input-subset {self.input_subset} needs --method certified (it subsamples the "
                               f"inputs of linf-dist layers), got --method {self.method}")

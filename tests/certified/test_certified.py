@@ -296,9 +296,10 @@ def test_recipe_options_are_checked():
                         ({"depth": 1, "width_first": 1024}, "--width-first 1024 with --depth 1"),
                         ({"cert_ce_final": 0.0}, "--cert-ce-final and --cert-ce-weight must both be 0"),
                         ({"cert_ce_final": -1.0}, "--cert-ce-final"),
-                        ({"input_subset": 0.0}, r"--input-subset must be a number in \(0, 1\], got 0.0"),
-                        ({"input_subset": 1.5}, "--input-subset"), ({"input_subset": True}, "--input-subset"),
-                        ({"input_subset": "0.5"}, "--input-subset")):
+                        ({"input_subset": 0.0}, "--input-subset must be > 0.0, got 0.0"),
+                        ({"input_subset": 1.5}, "--input-subset must be <= 1.0, got 1.5"),
+                        ({"input_subset": True}, "--input-subset must be a finite number"),
+                        ({"input_subset": "0.5"}, "--input-subset must be a finite number")):
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(method="certified", **kwargs).resolved()
     with pytest.raises(ConfigError, match="--input-subset 0.75 needs --method certified"):

@@ -18,7 +18,7 @@ from drp_train.train import train as run_train
 from drp_train.config import TrainConfig, apply_preset
 from drp_train.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
 from drp_train.models import build_model
-from _helpers import make_idx_dataset
+from _helpers import REPO, make_idx_dataset
 
 METHODS = ["drp", "ce", "pgd-at", "trades", "fast-at"]
 
@@ -327,9 +327,7 @@ def test_presets_and_compare_settings_derive_from_trainconfig():
 def test_certified_preset_is_the_committed_headline_recipe():
     # `drp train --preset certified-fmnist` reproduces results/fashion-mnist/certified: every option
     # of its config.json but the run's own bookkeeping (output folder, checkpoint cadence, progress)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(os.path.join(root, "results", "fashion-mnist", "certified", "config.json")) as f:
-        committed = json.load(f)
+    committed = json.loads((REPO / "results" / "fashion-mnist" / "certified" / "config.json").read_text())
     preset = apply_preset("certified-fmnist", {}).resolved().to_dict()
     own = {"out", "checkpoint_every", "quiet", "resume", "preset", "data_dir", "device"}
     differ = {k: (preset[k], committed[k]) for k in committed if k not in own and preset[k] != committed[k]}
