@@ -9,12 +9,17 @@
   by how much two tensors differ.
 * ``assert_png``: a finished PNG file (signature, size, nothing temporary left beside it).
 * ``make_idx_dataset``: a tiny learnable 10-class dataset in the real IDX file format.
+* ``torchrun``: run a command under ``torch.distributed.run --standalone`` with 2 processes (Python's
+  fault handler on, so a worker that aborts prints where); ``torchrun_log`` the part of its
+  stderr a failed assertion shows (the workers' own lines first, then the launcher's tail).
 * ``optional_hypothesis``: hypothesis's ``given``, ``settings``, ``st``, ``HealthCheck``, or
   stand-ins that skip the property tests when hypothesis (a test extra) is not installed.
 """
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ import pytest
 import torch
 
 __all__ = ["DEVICE", "REPO", "assert_verbose_allclose", "PNG_SIGNATURE", "png_size", "assert_png", "idx_bytes",
-           "make_idx_dataset", "optional_hypothesis"]
+           "make_idx_dataset", "optional_hypothesis", "torchrun", "torchrun_log"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +198,21 @@ class NoisyLogits(torch.nn.Module):
     def forward(self, x):
         out = self.net(x)
         return out + self.scale * torch.randn_like(out)
+
+
+def torchrun(argv, *, env=None, nproc=2, timeout=300):
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc *argv``, output captured.
+
+    PYTHONFAULTHANDLER=1 makes a worker killed by a fatal signal (SIGABRT, SIGSEGV) print the Python
+    stack of every thread, which the launcher's own report does not show."""
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), *map(str, argv)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun_log(res, *, head=6000, tail=3000):
+    """The start of a torchrun's stderr (what the workers printed) and its end (the launcher's summary)."""
+    err = res.stderr
+    if len(err) <= head + tail:
+        return err
+    return f"{err[:head]}\n[... {len(err) - head - tail} characters ...]\n{err[-tail:]}"

@@ -7,6 +7,7 @@ the points over the ranks the same way and gathers their results on rank 0
 (``gather_objects``, ``first_message``, ``barrier``).
 """
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,9 +71,21 @@ def setup(device_type: str, *, timeout=None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend, owns_group=True)
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(info: DistInfo, *, ok: bool = False) -> None:
+    """Leave the process group that ``setup`` joined.
+
+    ok: the run ended normally on this rank. Then every rank first waits for the others (rank 0
+    may still be writing its files) and drops the objects that hold the group (a DDP wrapper
+    in a reference cycle) while the group is alive, so no rank tears its connections down while
+    another still uses them and nothing of gloo is left for the interpreter's exit to destroy.
+    After an error a rank leaves at once: the others may never reach a barrier."""
+    if not (info.owns_group and dist.is_initialized()):
+        return
+    if ok:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def shard(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:

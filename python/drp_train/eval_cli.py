@@ -170,6 +170,7 @@ def run_eval(args):
 def _run_eval(args):
     device = pick_device(args.device)
     info = ddp.setup(device.type, timeout=ddp.EVAL_TIMEOUT) if ddp.launched_world_size() > 1 else ddp.DistInfo()
+    ok = False
     try:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
@@ -192,9 +193,11 @@ def _run_eval(args):
             raise failure
         if message is not None:
             raise _cli_error(message)
-        return _execute(plan, args, info)
+        result = _execute(plan, args, info)
+        ok = True
+        return result
     finally:
-        ddp.cleanup(info)
+        ddp.cleanup(info, ok=ok)
 
 
 def _prepare(args, device):

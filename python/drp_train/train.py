@@ -68,12 +68,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     cfg = cfg.resolved()
     device = _pick_device(cfg)
     info = ddp.setup(device.type)
+    ok = False
     try:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        return _Trainer(cfg, device=device, info=info, progress=progress and not cfg.quiet).run()
+        result = _Trainer(cfg, device=device, info=info, progress=progress and not cfg.quiet).run()
+        ok = True
+        return result
     finally:
-        ddp.cleanup(info)
+        ddp.cleanup(info, ok=ok)
 
 
 def _pick_device(cfg):

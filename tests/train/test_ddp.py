@@ -6,8 +6,6 @@ after training agree with a single-process run up to float rounding.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 from drp_train import load_checkpoint
 from drp_train.config import TrainConfig
 from drp_train.train import train
-from _helpers import make_idx_dataset
+from _helpers import make_idx_dataset, torchrun, torchrun_log
 
 pytestmark = pytest.mark.slow  # trains several runs each
 
@@ -34,9 +32,8 @@ def test_two_process_gloo_matches_single_process(tmp_path, method):
         args += ["--" + k.replace("_", "-"), str(v)]
     args += ["--out", str(dist_out), "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "drp_train", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun(["-m", "drp_train", *args], env=env)
+    assert res.returncode == 0, torchrun_log(res)
     # only rank 0 writes: one summary line on stdout, one metrics line per epoch
     assert res.stdout.count("trained ") == 1, res.stdout
     rows = [json.loads(line) for line in (dist_out / "metrics.jsonl").read_text().splitlines()]
@@ -64,8 +61,7 @@ def test_two_process_certified_training_runs(tmp_path):
     args = ["train", "--dataset", "fashion-mnist", "--data-dir", folder, "--method", "certified", "--depth", "2",
             "--width", "16", "--epochs", "2", "--batch-size", "32", "--cert-ce-weight", "0", "--out", str(out),
             "--quiet"]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "drp_train", *args], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun(["-m", "drp_train", *args], env=env)
+    assert res.returncode == 0, torchrun_log(res)
     ckpt = load_checkpoint(str(out / "final.pt"))
     assert ckpt["model"]["_extra_state"]["head_p"] == float("inf")
