@@ -6,6 +6,7 @@ its shard of every global batch (``shard``); only rank 0 writes files. ``drp eva
 the points over the ranks the same way and gathers their results on rank 0
 (``gather_objects``, ``first_message``, ``barrier``).
 """
+import contextlib
 import datetime
 import gc
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "setup", "cleanup", "shard", "all_reduce_sum", "broadcast_flag", "gather_objects",
-           "first_message", "barrier", "launched_world_size"]
+           "first_message", "barrier", "launched_world_size", "process_group"]
 
 
 @dataclass
@@ -86,6 +87,19 @@ def cleanup(info: DistInfo, *, ok: bool = False) -> None:
         dist.barrier()
     dist.destroy_process_group()
     gc.collect()
+
+
+@contextlib.contextmanager
+def process_group(device_type: str, *, timeout=None):
+    """``setup`` on entry (the ``DistInfo`` is the context's value); ``cleanup`` on exit, with
+    ``ok`` True only when the body ended without an exception."""
+    info = setup(device_type, timeout=timeout)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        cleanup(info, ok=ok)
 
 
 def shard(indices: torch.Tensor, info: DistInfo) -> torch.Tensor:

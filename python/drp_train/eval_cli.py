@@ -169,9 +169,7 @@ def run_eval(args):
 
 def _run_eval(args):
     device = pick_device(args.device)
-    info = ddp.setup(device.type, timeout=ddp.EVAL_TIMEOUT) if ddp.launched_world_size() > 1 else ddp.DistInfo()
-    ok = False
-    try:
+    with ddp.process_group(device.type, timeout=ddp.EVAL_TIMEOUT) as info:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
         digests = ddp.gather_objects(args_digest(args), info)
@@ -193,11 +191,7 @@ def _run_eval(args):
             raise failure
         if message is not None:
             raise _cli_error(message)
-        result = _execute(plan, args, info)
-        ok = True
-        return result
-    finally:
-        ddp.cleanup(info, ok=ok)
+        return _execute(plan, args, info)
 
 
 def _prepare(args, device):

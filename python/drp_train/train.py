@@ -67,16 +67,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg = cfg.resolved()
     device = _pick_device(cfg)
-    info = ddp.setup(device.type)
-    ok = False
-    try:
+    with ddp.process_group(device.type) as info:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        result = _Trainer(cfg, device=device, info=info, progress=progress and not cfg.quiet).run()
-        ok = True
-        return result
-    finally:
-        ddp.cleanup(info, ok=ok)
+        return _Trainer(cfg, device=device, info=info, progress=progress and not cfg.quiet).run()
 
 
 def _pick_device(cfg):

@@ -4,6 +4,7 @@ With --batch-size as the global batch, each rank takes half of every batch and D
 averages the two half-batch gradients, which is the full-batch gradient: the weights
 after training agree with a single-process run up to float rounding.
 """
+import contextlib
 import json
 import os
 
@@ -65,3 +66,39 @@ def test_two_process_certified_training_runs(tmp_path):
     assert res.returncode == 0, torchrun_log(res)
     ckpt = load_checkpoint(str(out / "final.pt"))
     assert ckpt["model"]["_extra_state"]["head_p"] == float("inf")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_process_group_waits_for_the_other_ranks_only_after_a_normal_end(tmp_path, monkeypatch, fails):
+    # a real one-process gloo group stands in for torchrun's: the barrier runs on a normal end (so
+    # no rank tears the group down while another still writes or sends) and never after an error
+    # (the other ranks may never reach it); the group is destroyed either way
+    import torch.distributed as dist
+    from drp_train import ddp
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; init is done here with one process
+    calls = []
+    monkeypatch.setattr(ddp, "setup", lambda device_type, timeout=None: (
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1),
+        ddp.DistInfo(rank=0, world_size=1, backend="gloo", owns_group=True))[1])
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k))[1])
+    try:
+        with pytest.raises(RuntimeError, match="boom") if fails else contextlib.nullcontext():
+            with ddp.process_group("cpu") as info:
+                assert info.owns_group and dist.is_initialized()
+                if fails:
+                    raise RuntimeError("boom")
+        assert calls == ([] if fails else ["barrier"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_process_group_outside_torchrun_is_a_single_process(monkeypatch):
+    from drp_train import ddp
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with ddp.process_group("cpu") as info:
+        assert not info.enabled and not info.owns_group and info.is_main
