@@ -8,17 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validate import check_p
+from ._validate import check_float, check_p
 from .functional import lp_dist
-
-
-def check_input_subset(value) -> float:
-    """``input_subset`` as a float in (0, 1], or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"input_subset must be a float in (0, 1], got {type(value).__name__}")
-    if not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"input_subset must be in (0, 1], got {value!r}")
-    return float(value)
 
 
 __all__ = ["LpDist", "SUBSET_GROUPS"]
@@ -120,7 +111,7 @@ class LpDist(nn.Module):
 
     @input_subset.setter
     def input_subset(self, value) -> None:
-        self._input_subset = check_input_subset(value)
+        self._input_subset = check_float("input_subset", value, positive=True, maximum=1.0)
 
     def get_extra_state(self):
         # p is saved with the weights, so a checkpoint of an annealed (p = inf) layer reloads as one

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "setup", "cleanup", "shard", "all_reduce_sum", "broadcast_flag", "gather_objects",
-           "first_message", "barrier", "launched_world_size", "process_group"]
+           "first_message", "barrier", "process_group"]
 
 
 @dataclass
@@ -44,11 +44,6 @@ def _env_int(name, default):
         return int(value)
     except ValueError:
         raise RuntimeError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def launched_world_size() -> int:
-    """WORLD_SIZE as torchrun set it (1 when not started by torchrun)."""
-    return _env_int("WORLD_SIZE", 1)
 
 
 def setup(device_type: str, *, timeout=None) -> DistInfo:
