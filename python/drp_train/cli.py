@@ -140,6 +140,9 @@ def _add_train_parser(sub):
     a("--batch-size", type=int, default=_S, help=f"global batch size (default {d('batch_size')})")
     a("--lr", type=float, default=_S, help=f"peak learning rate (default {d('lr')})")
     a("--schedule", choices=SCHEDULES, default=_S, help=f"per-step lr schedule (default {d('schedule')})")
+    a("--lr-hold", type=float, default=_S, metavar="FRACTION",
+      help="keep the base lr for this fraction of the steps; --schedule then runs over the rest (the l-inf-dist "
+           f"nets' recipe: constant while p is held at 8, then cosine; default {d('lr_hold')}: from the start)")
     a("--momentum", type=float, default=_S, help=f"SGD momentum, or Adam beta1 (default {d('momentum')})")
     a("--weight-decay", type=float, default=_S, help=f"default {d('weight_decay')}")
     a("--eps", type=parse_eps, default=_S, metavar="EPS",

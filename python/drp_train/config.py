@@ -65,6 +65,7 @@ class TrainConfig:
     batch_size: Optional[int] = None       # global batch (split over DDP ranks); default DEFAULT_BATCH_SIZE
     lr: Optional[float] = None             # default: see _DEFAULT_LR
     schedule: str = "cosine"
+    lr_hold: float = 0.0                   # fraction of the steps at the base lr before --schedule starts
     momentum: float = 0.9
     weight_decay: Optional[float] = None   # default: 5e-5 for drp (the paper's), 5e-4 otherwise
     eps: Optional[float] = None            # default: 0.1 for (Fashion-)MNIST, 8/255 for CIFAR
@@ -145,6 +146,7 @@ class TrainConfig:
         if self.proto_method is not None:
             _choice("--proto-method", self.proto_method, PROTO_METHODS)
         _choice("--schedule", self.schedule, SCHEDULES)
+        _float_range("--lr-hold", self.lr_hold, low=0.0, high=1.0, high_open=True)
         _choice("--amp", self.amp, AMP_MODES)
         _choice("--head", self.head, HEADS)
         if self.optimizer is not None:

@@ -19,13 +19,26 @@ def make_optimizer(cfg, params):
 
 
 def make_scheduler(cfg, optimizer, total_steps: int):
-    """The per-step ``LambdaLR`` of ``cfg.schedule`` over ``total_steps`` optimiser steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule, total_steps))
+    """The per-step ``LambdaLR`` of ``cfg.schedule`` over ``total_steps`` optimiser steps, after the
+    first ``cfg.lr_hold`` of them at the base lr."""
+    factor = lr_factor(cfg.schedule, total_steps, hold=getattr(cfg, "lr_hold", 0.0))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def lr_factor(schedule, total):
-    """Multiplier of the base lr after ``t`` optimiser steps out of ``total``."""
+def lr_factor(schedule, total, *, hold=0.0):
+    """Multiplier of the base lr after ``t`` optimiser steps out of ``total``.
+
+    ``hold`` (a fraction in [0, 1)) keeps the base lr for the first ``round(hold * total)`` steps;
+    ``schedule`` then runs over the remaining steps (the l-inf-distance nets' recipe: constant lr
+    while p is held at 8, then cosine)."""
     total = max(int(total), 1)
+    hold = float(hold)
+    if not 0.0 <= hold < 1.0:
+        raise ConfigError(f"--lr-hold must be in [0, 1), got {hold}")
+    held = min(int(round(hold * total)), total - 1)
+    if held:
+        rest = lr_factor(schedule, total - held)
+        return lambda t: 1.0 if t < held else rest(t - held)
     if schedule == "cosine":
         return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
     if schedule == "cyclic":

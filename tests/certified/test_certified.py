@@ -464,12 +464,12 @@ def test_certified_loss_is_the_clipped_hinge_plus_ce():
 
 def _train_tiny(out, *, epochs=4, head="learnable"):
     # a small net learns slowly from the hinge alone: a full CE term and a larger step help it; the
-    # recipe options (first-layer width, decaying CE, crop, validation split, p fractions) ride along
+    # recipe options (first-layer width, decaying CE, crop, validation split, p and lr fractions) ride along
     cmd = [sys.executable, "-m", "drp_train", "train", "--method", "certified", "--depth", "2", "--width", "64",
            "--width-first", "96", "--head", head, "--epochs", str(epochs), "--limit-train", "2304", "--limit-test",
            "500", "--val-split", "256", "--crop-padding", "1", "--batch-size", "64", "--lr", "0.05",
            "--cert-ce-weight", "1", "--cert-ce-final", "0.5", "--p-hold", "0.1", "--p-inf", "0.25",
-           "--out", str(out), "--quiet"]
+           "--lr-hold", "0.1", "--out", str(out), "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     return res
@@ -514,7 +514,7 @@ def test_run_records_p_validation_and_recipe(tiny_run):
             assert r["val_certified_accuracy"] is None
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert (cfg["width_first"], cfg["val_split"], cfg["crop_padding"], cfg["cert_ce_final"]) == (96, 256, 1, 0.5)
-    assert (cfg["p_hold"], cfg["p_inf"]) == (0.1, 0.25)
+    assert (cfg["p_hold"], cfg["p_inf"], cfg["lr_hold"]) == (0.1, 0.25, 0.1)
 
 
 def test_drp_eval_reports_certified_accuracy(tiny_run, tmp_path):

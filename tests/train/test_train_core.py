@@ -13,7 +13,7 @@ import drp_train
 from drp_train import checkpoint as ckpt_mod
 from drp_train import run_folder
 from drp_train import train as train_mod
-from drp_train.optim import lr_factor
+from drp_train.optim import lr_factor, make_scheduler
 from drp_train.train import train as run_train
 from drp_train.config import TrainConfig, apply_preset
 from drp_train.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputDirError
@@ -70,6 +70,8 @@ def test_config_plain_data_roundtrip_and_defaults():
     ("batch_size", 2.5, "--batch-size must be an integer"),
     ("momentum", 1.0, "--momentum must be < 1"),
     ("limit_train", 0, "--limit-train must be >= 1"),
+    ("lr_hold", 1.0, "--lr-hold must be < 1"),
+    ("lr_hold", -0.5, "--lr-hold must be >= 0"),
 ])
 def test_config_rejects_impossible_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -83,6 +85,31 @@ def test_lr_schedules():
     assert cyc(39) == pytest.approx(1.0) and cyc(19) == pytest.approx(0.5) and cyc(99) == pytest.approx(0.0)
     ms = lr_factor("multistep", 100)
     assert (ms(49), ms(50), ms(74), ms(75)) == (1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01))
+
+
+def test_lr_hold_keeps_the_base_lr_then_runs_the_schedule_over_the_rest():
+    held = lr_factor("cosine", 100, hold=0.2)
+    assert [held(t) for t in (0, 10, 19)] == [1.0, 1.0, 1.0]
+    assert held(20) == 1.0 and held(60) == pytest.approx(0.5) and held(100) == pytest.approx(0.0)
+    ms = lr_factor("multistep", 100, hold=0.2)  # steps at 20 + 40 and 20 + 60
+    assert (ms(59), ms(60), ms(80)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+    assert lr_factor("cosine", 100, hold=0.0)(50) == pytest.approx(0.5)
+    assert lr_factor("cosine", 1, hold=0.9)(0) == 1.0  # too short to hold: the schedule alone
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="--lr-hold must be in"):
+            lr_factor("cosine", 100, hold=bad)
+    # the scheduler a run builds from its config follows the same factors
+    cfg = TrainConfig(lr=0.1, lr_hold=0.25, schedule="cosine").resolved()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(cfg, opt, 8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [0.1 * lr_factor("cosine", 8, hold=0.25)(t) for t in range(8)]
+    assert lrs[:2] == [0.1, 0.1] and lrs == pytest.approx(expect) and lrs[2] == pytest.approx(0.1)
+    assert lrs[3] < 0.1
 
 
 # ----------------------------------------------------------------------------- models
